@@ -1,0 +1,44 @@
+# mgdm: `make demo` runs the whole pipeline, `make test` the test suite.
+VENV    ?= .venv
+PYTHON  ?= python3
+BIN     := $(VENV)/bin
+PROFILE ?=
+PREFECT_PORT ?= 4200
+export PATH := $(abspath $(BIN)):$(PATH)
+export DO_NOT_TRACK := 1
+
+.PHONY: install demo test test-fast bench serve mlflow-ui clean-outputs
+
+$(BIN)/.installed: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+install: $(BIN)/.installed
+
+## demo: dvc repro on params.yaml (or PROFILE=<name>: params.yaml merged with profiles/<name>.yaml)
+demo: install
+ifneq ($(PROFILE),)
+	$(BIN)/mgdm profile $(PROFILE)
+endif
+	$(BIN)/mgdm repro
+	$(BIN)/dvc metrics show
+
+## test: the whole suite (closed-form maths, stages, dvc repro on the smoke profile, Prefect)
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/python benchmarks/bench_core.py
+
+## serve: a local Prefect server on 127.0.0.1 plus the pipeline deployment (Ctrl-C stops both)
+serve: install
+	PREFECT_HOME=$(abspath .prefect) $(BIN)/python -m flows.serve --port $(PREFECT_PORT)
+
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlruns.db) --host 127.0.0.1 --port 5000

@@ -1,0 +1,3 @@
+from mgdm_core.cli import main
+
+raise SystemExit(main())

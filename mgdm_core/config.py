@@ -1,0 +1,263 @@
+"""The one typed configuration: `Params`, loaded from `params.yaml` (plus an optional profile).
+
+Each section of params.yaml is a sub-model here, and each pipeline stage declares which
+sections it reads (`stages.<stage>.READS`), which is exactly what dvc.yaml lists as its params.
+Unknown keys, wrong types, NaN and out-of-range values are errors naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mgdm_core.errors import ConfigError
+
+Measure = Literal["entropy", "margin", "least_confidence", "classifier"]
+MEASURES: tuple[str, ...] = ("entropy", "margin", "least_confidence", "classifier")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class DataParams(Section):
+    source: Literal["phantom", "npz", "imagefolder", "medmnist"] = "phantom"
+    path: str | None = None  # npz file or imagefolder root (relative to the params file's folder)
+    val_path: str | None = None  # imagefolder only: a separate validation root
+    test_path: str | None = None  # imagefolder only: a separate test root
+    flag: str | None = None  # medmnist only: the data set flag, e.g. "breastmnist"
+    image_size: int = Field(28, ge=8, le=512)
+    channels: Literal[1, 3] = 1
+    phantom_counts: tuple[int, ...] = (360, 120)  # images per class before splitting (phantom)
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)  # used when the source has no official split
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> "DataParams":
+        if self.source in ("npz", "imagefolder") and not self.path:
+            raise ValueError(f"data.path is required when data.source is '{self.source}'")
+        if self.source == "medmnist" and not self.flag:
+            raise ValueError("data.flag is required when data.source is 'medmnist' (e.g. breastmnist)")
+        if self.source == "phantom" and (len(self.phantom_counts) < 2 or min(self.phantom_counts) < 4):
+            raise ValueError("data.phantom_counts needs at least two classes of at least 4 images")
+        return self
+
+
+class DiffusionParams(Section):
+    """The diffusion model: noise schedule and UNet architecture (shared by training and sampling)."""
+
+    schedule: Literal["linear", "cosine"] = "linear"
+    steps: int = Field(1000, ge=10, le=10000)
+    learn_sigma: bool = True
+    width: int = Field(64, ge=8)
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = Field(2, ge=1)
+    attention_resolutions: tuple[int, ...] = (14, 7)  # feature-map sizes in pixels
+    num_heads: int = Field(4, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    scale_shift_norm: bool = True
+    resblock_updown: bool = True
+
+
+class TrainDiffusionParams(Section):
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    p_uncond: float = Field(0.1, ge=0, le=1)  # per-sample null-class dropout, for CFG
+    balanced: bool = True  # class-balanced sampling (the original's imbalanced-sampler flag)
+    random_flip: bool = True
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)
+
+
+class ClassifierParams(Section):
+    """The noise-aware classifier p(y | x_t, t) used for guidance."""
+
+    width: int = Field(32, ge=8)
+    depth: int = Field(2, ge=1)
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    attention_resolutions: tuple[int, ...] = (14, 7)
+    head_channels: int = Field(64, ge=8)
+    pool: Literal["attention", "mean"] = "attention"
+
+
+class TrainClassifierParams(Section):
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    noised: bool = True  # train on x_t at random t (needed for guidance); False: clean images
+    balanced: bool = True
+    random_flip: bool = True
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)
+    eval_buckets: int = Field(5, ge=1, le=20)  # noise-level buckets for validation accuracy
+
+
+class GenerateParams(Section):
+    """MGDM stage 1: in-distribution samples per class."""
+
+    guidance: Literal["classifier", "cfg", "none"] = "classifier"
+    # classifier: eps - sqrt(1-abar) * scale * grad log p(y|x_t); cfg: eps_c + scale * (eps_c - eps_u)
+    # (the original release's convention: 0 = plain conditional sampling).
+    scale: float = 1.0
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    respacing: str = "ddim50"
+    eta: float = Field(0.0, ge=0, le=1)
+    mode: Literal["counts", "balance"] = "counts"
+    counts: tuple[int, ...] = (64, 64)  # images per class (mode: counts)
+    batch_size: int = Field(64, ge=1)
+
+
+class DisturbParams(Section):
+    """MGDM stage 2: DDIM-invert stage-1 images and decode them with uncertainty guidance."""
+
+    measure: Measure | tuple[Measure, ...] = "entropy"
+    scale: float = 4.0
+    respacing: str = "ddim50"
+    class_map: dict[int, int] = Field(default_factory=dict)  # source class -> target class
+    batch_size: int = Field(64, ge=1)
+
+    @property
+    def measures(self) -> tuple[str, ...]:
+        return (self.measure,) if isinstance(self.measure, str) else tuple(dict.fromkeys(self.measure))
+
+
+class EvaluateParams(Section):
+    networks: tuple[str, ...] = ("resnet18",)
+    # real, real+classic, real+stage1, real+stage2 (every measure run) or real+stage2:<measure>, synthetic
+    conditions: tuple[str, ...] = ("real", "real+classic", "real+stage1", "real+stage2")
+    seeds: tuple[int, ...] = (0, 1)
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    synthetic_ratio: float = Field(0.5, gt=0)  # synthetic images added per real training image
+    workers: int = Field(1, ge=1)  # concurrent (network, condition, seed) units in this process
+
+    @field_validator("conditions")
+    @classmethod
+    def _known_conditions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cond in value:
+            base, _, measure = cond.partition(":")
+            if base not in ("real", "real+classic", "real+stage1", "real+stage2", "synthetic"):
+                raise ValueError(
+                    f"unknown condition '{cond}' (expected real, real+classic, real+stage1, "
+                    "real+stage2, real+stage2:<measure> or synthetic)"
+                )
+            if measure and (base != "real+stage2" or measure not in MEASURES):
+                raise ValueError(f"condition '{cond}': a measure suffix needs real+stage2 and one of {MEASURES}")
+        if "real" not in value:
+            raise ValueError("conditions must include the baseline 'real'")
+        return value
+
+
+class Params(Section):
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataParams = DataParams()
+    diffusion: DiffusionParams = DiffusionParams()
+    train_diffusion: TrainDiffusionParams = TrainDiffusionParams()
+    classifier: ClassifierParams = ClassifierParams()
+    train_classifier: TrainClassifierParams = TrainClassifierParams()
+    generate: GenerateParams = GenerateParams()
+    disturb: DisturbParams = DisturbParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "Params":
+        """A copy with dotted-key overrides applied (`{"disturb.scale": 2.0}`), validated again."""
+        raw = self.model_dump(mode="json")
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+        return validate_params(raw, source="overrides")
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ConfigError(f"override '{key}': unknown key '{parts[-1]}'")
+    node[parts[-1]] = value
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Profiles override params.yaml section by section, key by key."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "class_map":
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_error(err: dict) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    got = err.get("input")
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] in ("extra_forbidden",):
+        return f"unknown key '{key}'"
+    if isinstance(got, float) and math.isnan(got):
+        return f"{key}: NaN is not allowed"
+    return f"{key}: {message} (got {got!r})" if not isinstance(got, dict) else f"{key}: {message}"
+
+
+def validate_params(raw: Any, *, source: str) -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        first = _format_error(exc.errors()[0])
+        more = len(exc.errors()) - 1
+        raise ConfigError(f"{source}: {first}" + (f" (and {more} more)" if more else "")) from None
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameters file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | Path | None = None) -> Params:
+    """Load and validate params.yaml, optionally with a profile file merged over it."""
+    path = Path(path)
+    raw = read_yaml(path)
+    source = str(path)
+    if profile is not None:
+        profile_path = resolve_profile(profile, path.parent)
+        raw = deep_merge(raw, read_yaml(profile_path))
+        source = f"{path} + {profile_path}"
+    return validate_params(raw, source=source)
+
+
+def resolve_profile(profile: str | Path, root: Path) -> Path:
+    """A profile is a name under profiles/ (`smoke`) or a path to a YAML file."""
+    candidate = Path(profile)
+    if candidate.suffix in (".yaml", ".yml"):
+        return candidate
+    named = root / "profiles" / f"{profile}.yaml"
+    if not named.is_file():
+        available = sorted(p.stem for p in (root / "profiles").glob("*.yaml"))
+        raise ConfigError(f"profile '{profile}' not found in {root / 'profiles'} (available: {', '.join(available)})")
+    return named

@@ -1,0 +1,135 @@
+"""Stage `disturb` (MGDM stage 2): DDIM-invert stage-1 images, decode with uncertainty guidance.
+
+Inversion is shared by every measure: latents are computed once, checked by an unguided
+round trip (DDIB's inversion error, ddib#9), then decoded once per measure.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mgdm_core.config import Params
+from mgdm_core.data.loaders import from_model_tensor, to_model_tensor
+from mgdm_core.device import autocast, resolve_device
+from mgdm_core.diffusion.guidance import classifier_guidance, uncertainty_guidance
+from mgdm_core.diffusion.sampling import ddim_invert, ddim_sample
+from mgdm_core.diffusion.schedule import respace
+from mgdm_core.errors import ConfigError, DataError
+from mgdm_core.io import read_image, read_manifest, write_manifest, write_png
+from mgdm_core.layout import Layout
+from mgdm_core.plots import histograms, paired_grid
+from mgdm_core.stages.common import (
+    claim_output_dir, classifier_scores, diffusion_schedule, file_digest, load_classifier, load_prepared,
+    load_unet, log, write_metrics,
+)
+from mgdm_core.tracking import Tracker
+
+READS = ("seed", "device", "diffusion.schedule", "diffusion.steps", "disturb")
+
+
+def target_labels(labels: np.ndarray, class_map: dict[int, int], num_classes: int) -> np.ndarray:
+    for source, target in class_map.items():
+        if not (0 <= source < num_classes and 0 <= target < num_classes):
+            raise ConfigError(f"disturb.class_map: {source} -> {target} is outside the classes 0..{num_classes - 1}")
+    return np.array([class_map.get(int(y), int(y)) for y in labels], dtype=np.int64)
+
+
+def _batched(fn, x: torch.Tensor, y: torch.Tensor, batch_size: int, desc: str) -> torch.Tensor:
+    out = []
+    for start in tqdm(range(0, len(x), batch_size), desc=desc, unit="batch"):
+        out.append(fn(x[start : start + batch_size], y[start : start + batch_size]))
+    return torch.cat(out) if out else x
+
+
+def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
+    d = params.disturb
+    device = resolve_device(params.device)
+    data = load_prepared(layout)
+    stage1_manifest = layout.stage1_dir / "manifest.csv"
+    if not stage1_manifest.is_file():
+        raise DataError(f"{stage1_manifest}: stage-1 manifest not found; run `mgdm generate` first")
+    rows = read_manifest(stage1_manifest)
+    source_images = np.stack([read_image(layout.stage1_dir / r["file"]) for r in rows]) if rows else None
+    if source_images is None:
+        raise DataError(f"{stage1_manifest}: no stage-1 images to disturb")
+    source_labels = np.array([int(r["label"]) for r in rows], dtype=np.int64)
+    targets = target_labels(source_labels, d.class_map, data.num_classes)
+
+    schedule = respace(diffusion_schedule(params), d.respacing)
+    unet = load_unet(layout.diffusion_model, device)
+    classifier = load_classifier(layout.classifier_model, device)
+    x0 = to_model_tensor(source_images).to(device)
+    y_src = torch.as_tensor(source_labels, device=device)
+    y_tgt = torch.as_tensor(targets, device=device)
+
+    with autocast(device):
+        latents = _batched(lambda x, y: ddim_invert(unet, x, schedule, y=y), x0, y_src, d.batch_size, "invert")
+        recon = _batched(lambda x, y: ddim_sample(unet, x, schedule, y=y), latents, y_src, d.batch_size, "round trip")
+    latents, recon = latents.float(), recon.float()
+    roundtrip = (recon - x0).abs().flatten(1).mean(1).cpu().numpy()  # mean |error| on the [-1, 1] scale
+    latent_mean = latents.flatten(1).mean(1).cpu().numpy()
+    latent_std = latents.flatten(1).std(1).cpu().numpy()
+    _, src_conf, src_entropy = classifier_scores(classifier, source_images, device)
+    _, real_conf, real_entropy = classifier_scores(classifier, data.images["train"], device)
+
+    metrics: dict[str, float] = {
+        "images": len(rows),
+        "roundtrip_error_mean": float(roundtrip.mean()),
+        "roundtrip_error_max": float(roundtrip.max()),
+        "latent_mean_mean": float(latent_mean.mean()),
+        "latent_std_mean": float(latent_std.mean()),
+        "stage1_mean_entropy": float(src_entropy.mean()),
+    }
+    entropy_sets = {"real train": real_entropy, "stage 1": src_entropy}
+    for measure in d.measures:
+        out = layout.stage2_measure_dir(measure)
+        fingerprint = {"disturb": d.model_dump(mode="json"), "measure": measure, "seed": params.seed,
+                       "stage1": file_digest(stage1_manifest), "diffusion": file_digest(layout.diffusion_model),
+                       "classifier": file_digest(layout.classifier_model)}
+        claim_output_dir(out, fingerprint)
+        paths = [out / data.class_names[t] / Path(r["file"]).name for r, t in zip(rows, targets)]
+        todo = np.array([not p.exists() for p in paths])
+        if todo.any():
+            guidance = classifier_guidance(classifier) if measure == "classifier" else uncertainty_guidance(classifier, measure)
+            idx = torch.as_tensor(np.flatnonzero(todo), device=device)
+            with autocast(device):
+                decoded = _batched(
+                    lambda x, y: ddim_sample(unet, x, schedule, y=y, guidance=guidance, scale=d.scale),
+                    latents[idx], y_tgt[idx], d.batch_size, f"decode ({measure})",
+                )
+            for k, image in zip(idx.tolist(), from_model_tensor(decoded.float().cpu())):
+                write_png(paths[k], image)
+        images = np.stack([read_image(p) for p in paths])
+        probs, confidence, entropy = classifier_scores(classifier, images, device)
+        write_manifest(out / "manifest.csv", [
+            {"file": str(p.relative_to(out)), "class": data.class_names[t], "label": int(t),
+             "source": f"stage1/{r['file']}", "guidance": measure, "scale": d.scale, "seed": r["seed"],
+             "confidence": f"{confidence[k]:.6f}", "entropy": f"{entropy[k]:.6f}",
+             "source_entropy": f"{src_entropy[k]:.6f}", "roundtrip_error": f"{roundtrip[k]:.6f}",
+             "latent_mean": f"{latent_mean[k]:.6f}", "latent_std": f"{latent_std[k]:.6f}"}
+            for k, (p, r, t) in enumerate(zip(paths, rows, targets))
+        ])
+        # The paper's claim, image by image: stage 2 raises the classifier's uncertainty.
+        metrics[f"{measure}_mean_entropy"] = float(entropy.mean())
+        metrics[f"{measure}_entropy_increase"] = float((entropy - src_entropy).mean())
+        metrics[f"{measure}_entropy_increased_rate"] = float((entropy > src_entropy).mean())
+        metrics[f"{measure}_target_class_rate"] = float((probs.argmax(1) == targets).mean())
+        entropy_sets[f"stage 2 ({measure})"] = entropy
+        gallery = layout.plot_file(f"disturb_{measure}_pairs.png")
+        shown = np.concatenate([np.flatnonzero(source_labels == c)[:4] for c in range(data.num_classes)])
+        paired_grid(source_images[shown], images[shown], gallery, [data.class_names[t] for t in targets[shown]],
+                    title=f"stage 1 (top) vs stage 2 (bottom): {measure}, scale {d.scale}")
+        tracker.log_artifact(out / "manifest.csv", f"stage2/{measure}")
+        tracker.log_artifact(gallery, "samples")
+
+    hist = layout.plot_file("disturb_entropy.png")
+    histograms(entropy_sets, hist, "classifier predictive entropy (t = 0)", "entropy (nats)")
+    tracker.log_artifact(hist, "plots")
+    tracker.log_metrics(metrics)
+    write_metrics(layout, "disturb", metrics)
+    log.info("disturb: %s", {k: round(v, 4) for k, v in metrics.items()})
+    return metrics

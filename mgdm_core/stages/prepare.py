@@ -1,0 +1,70 @@
+"""Stage `prepare`: load a data set, validate it, resize/convert it, split it, write it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mgdm_core.config import Params
+from mgdm_core.data.loaders import resize_and_convert
+from mgdm_core.data.sources import load_source
+from mgdm_core.io import ensure_writable_dir, save_npz_atomic, write_json_atomic
+from mgdm_core.layout import Layout
+from mgdm_core.plots import class_grid
+from mgdm_core.stages.common import SPLITS, dataset_name, log, write_metrics
+from mgdm_core.tracking import Tracker
+
+READS = ("seed", "data")
+
+
+def _resolve(layout: Layout, path: str | None) -> Path | None:
+    """Relative data paths are relative to the project root (where dvc.yaml lives)."""
+    return None if path is None else (layout.root / path).resolve()
+
+
+def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
+    data = params.data
+    splits = load_source(
+        data.source,
+        path=_resolve(layout, data.path),
+        val_path=_resolve(layout, data.val_path),
+        test_path=_resolve(layout, data.test_path),
+        flag=data.flag,
+        phantom_counts=data.phantom_counts,
+        image_size=data.image_size,
+        channels=data.channels,
+        seed=params.seed,
+        val_fraction=data.val_fraction,
+        test_fraction=data.test_fraction,
+    )
+    ensure_writable_dir(layout.prepared)
+    num_classes = len(splits.class_names)
+    metrics: dict[str, float] = {"num_classes": num_classes}
+    prepared = {}
+    for split in SPLITS:
+        part = getattr(splits, split)
+        images = resize_and_convert(part.images, data.image_size, data.channels)
+        labels = part.labels.astype(np.int64)
+        save_npz_atomic(layout.split_file(split), images=images, labels=labels)
+        prepared[split] = (images, labels)
+        metrics[f"{split}_images"] = len(labels)
+        for k in range(num_classes):
+            metrics[f"{split}_class{k}"] = int((labels == k).sum())
+    write_json_atomic(
+        layout.classes_file,
+        {
+            "class_names": list(splits.class_names),
+            "dataset": dataset_name(params),
+            "source": splits.source,
+            "image_size": data.image_size,
+            "channels": data.channels,
+        },
+    )
+    grid = layout.plot_file("prepare_real_samples.png")
+    class_grid(*prepared["train"], splits.class_names, grid, title=f"real training images ({dataset_name(params)})")
+    tracker.log_artifact(grid, "samples")
+    tracker.log_metrics(metrics)
+    write_metrics(layout, "prepare", metrics)
+    log.info("prepared %s: %s", dataset_name(params), {k: int(v) for k, v in metrics.items() if k.endswith("images")})
+    return metrics

@@ -1,0 +1,118 @@
+"""What the two training stages share: batch sampling, resumable runs, loss curves."""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mgdm_core.io import atomic_write, ensure_writable_dir, write_json_atomic
+from mgdm_core.layout import Layout
+from mgdm_core.plots import curve
+from mgdm_core.stages.common import log
+from mgdm_core.tracking import Tracker
+from mgdm_core.training.checkpoint import load_checkpoint
+from mgdm_core.training.loop import TrainResult, balanced_batch_indices, train_loop
+
+CHECKPOINT = "checkpoint.pt"
+CURVE = "curve.json"
+
+
+def batch_sampler(labels: torch.Tensor, batch_size: int, balanced: bool) -> Callable[[torch.Generator], torch.Tensor]:
+    """Batch indices drawn from the step's generator, so every step is reproducible on resume."""
+
+    def sample(gen: torch.Generator) -> torch.Tensor:
+        return balanced_batch_indices(labels, batch_size, gen, balanced)
+
+    return sample
+
+
+def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Horizontal flip of half the batch (the original's --random_flip)."""
+    flip = (torch.rand(len(x), generator=gen) < 0.5).to(x.device).view(-1, 1, 1, 1)
+    return torch.where(flip, x.flip(-1), x)
+
+
+@dataclass
+class TrainingRun:
+    """One training stage's resumable run: checkpoint directory, loss curve, tracking."""
+
+    stage: str
+    kind: str
+    checkpoint_dir: Path
+    config: dict
+    tracker: Tracker
+    layout: Layout
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.checkpoint_dir / CHECKPOINT
+
+    def _discard_stale(self, steps: int) -> None:
+        """A checkpoint from other parameters (or trained past `steps`) cannot be resumed: start over.
+
+        Steps are left out of the compared config on purpose: raising `steps` continues training.
+        """
+        if not self.checkpoint_path.exists():
+            return
+        config, state = load_checkpoint(self.checkpoint_path, kind=self.kind, map_location="cpu")
+        reason = None
+        if config != self.config:
+            changed = sorted(k for k in set(config) | set(self.config) if config.get(k) != self.config.get(k))
+            reason = f"its parameters differ ({', '.join(changed)})"
+        elif int(state["step"]) > steps:
+            reason = f"it is at step {int(state['step'])}, past the requested {steps}"
+        if reason:
+            log.warning("%s: discarding %s because %s; training from scratch", self.stage, self.checkpoint_path, reason)
+            self.checkpoint_path.unlink()
+            (self.checkpoint_dir / CURVE).unlink(missing_ok=True)
+
+    def train(self, model: torch.nn.Module, loss_fn, *, steps: int, log_every: int, **loop_args) -> TrainResult:
+        ensure_writable_dir(self.checkpoint_dir)
+        self._discard_stale(steps)
+        curve_path = self.checkpoint_dir / CURVE
+        points: dict[int, dict[str, float]] = (
+            {int(k): v for k, v in json.loads(curve_path.read_text()).items()} if curve_path.exists() else {}
+        )
+
+        def on_log(step: int, values: dict[str, float]) -> None:
+            points[step] = values
+            self.tracker.log_metrics(values, step=step)
+            write_json_atomic(curve_path, points)
+
+        result = train_loop(
+            model=model, loss_fn=loss_fn, steps=steps, checkpoint_path=self.checkpoint_path,
+            config=self.config, kind=self.kind, on_log=on_log, log_every=log_every, **loop_args,
+        )
+        if result.resumed_from_step:
+            self.tracker.set_tags({"resumed_from_step": result.resumed_from_step})
+        self._write_curve(points)
+        return result
+
+    def _write_curve(self, points: dict[int, dict[str, float]]) -> None:
+        steps = sorted(points)
+        keys = sorted({k for p in points.values() for k in p})
+        buffer = _io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["step", *keys])
+        for s in steps:
+            writer.writerow([s, *(points[s].get(k, "") for k in keys)])
+        csv_path = self.layout.plot_file(f"{self.stage}.csv")
+        ensure_writable_dir(csv_path.parent)
+        with atomic_write(csv_path) as tmp:
+            Path(tmp).write_text(buffer.getvalue())
+        png = self.layout.plot_file(f"{self.stage}_curve.png")
+        series = {k: [points[s][k] for s in steps if k in points[s]] for k in keys}
+        curve(steps, series, png, title=f"{self.stage} loss", ylabel="value")
+        self.tracker.log_artifact(png, "curves")
+
+
+def final_loss(result: TrainResult, window: int = 50) -> float:
+    """Mean loss over the last `window` steps of this call (NaN when it trained no step: resumed at the end)."""
+    tail = result.losses[-window:]
+    return float(sum(tail) / len(tail)) if tail else float("nan")
