@@ -122,6 +122,9 @@ class DisturbParams(Section):
     measure: Measure | tuple[Measure, ...] = "entropy"
     scale: float = 4.0
     respacing: str = "ddim50"
+    # Fixed-point iterations per inversion step (1 + refine model calls): 0 is plain DDIM inversion
+    # (round-trip error first-order in the step size), 1-2 solve the implicit step almost exactly.
+    inversion_refine: int = Field(1, ge=0, le=10)
     class_map: dict[int, int] = Field(default_factory=dict)  # source class -> target class
     batch_size: int = Field(64, ge=1)
 

@@ -67,7 +67,7 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     y_tgt = torch.as_tensor(targets, device=device)
 
     with autocast(device):
-        latents = _batched(lambda x, y: ddim_invert(unet, x, schedule, y=y), x0, y_src, d.batch_size, "invert")
+        latents = _batched(lambda x, y: ddim_invert(unet, x, schedule, y=y, refine=d.inversion_refine), x0, y_src, d.batch_size, "invert")
         recon = _batched(lambda x, y: ddim_sample(unet, x, schedule, y=y), latents, y_src, d.batch_size, "round trip")
     latents, recon = latents.float(), recon.float()
     roundtrip = (recon - x0).abs().flatten(1).mean(1).cpu().numpy()  # mean |error| on the [-1, 1] scale
