@@ -1,0 +1,357 @@
+"""The `mgdm_pipeline` Prefect flow: the six stages as tasks, with cross-run caching and MLflow nesting.
+
+Every task only calls the library (`run_stage`, or `evaluate.plan` / `run_unit` / `summarise` for
+the evaluation grid, which fans out through the flow's task runner). Why the caching looks like it
+does (an explicit key over parameters, upstream files and code, plus an outputs-on-disk check)
+is explained in docs/prefect.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, runtime, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.context import TaskRunContext
+from prefect.futures import PrefectFuture
+from prefect.states import State
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, ConfigDict, Field
+
+import mgdm_core
+from mgdm_core import tracking
+from mgdm_core.config import Measure, Params, load_params
+from mgdm_core.errors import MgdmError
+from mgdm_core.layout import Layout
+from mgdm_core.stages import STAGES, reads, run_stage, stage_module
+from mgdm_core.stages import evaluate as evaluate_stage
+from mgdm_core.stages.common import dataset_name
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Threads, not processes: the units share the prepared arrays and torch releases the GIL.
+# `python -m flows.serve --max-workers N` (or this variable) sizes the pool for a bigger machine.
+MAX_WORKERS = int(os.environ.get("MGDM_PREFECT_MAX_WORKERS", "2"))
+# Stages before the evaluation grid, in dependency order; the two trainings only need `prepare`.
+_INDEPENDENT = ("train_diffusion", "train_classifier")
+
+
+class PipelineOptions(BaseModel):
+    """The run form. `None` (empty in the UI) means "as params.yaml (and the profile) says"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project_root: str = Field(str(REPO_ROOT), description="Folder holding params.yaml; outputs are written here")
+    profile: str | None = Field(None, description="A profiles/<name>.yaml merged over params.yaml, e.g. smoke")
+    data_source: Literal["phantom", "npz", "imagefolder", "medmnist"] | None = None
+    data_path: str | None = Field(None, description="npz file or image-folder root, relative to the project root")
+    data_flag: str | None = Field(None, description="medmnist data set flag, e.g. breastmnist")
+    guidance: Literal["classifier", "cfg", "none"] | None = Field(None, description="stage-1 guidance")
+    guidance_scale: float | None = Field(None, description="stage-1 guidance scale")
+    measures: list[Measure] | None = Field(None, description="stage-2 uncertainty measure(s)")
+    disturb_scale: float | None = Field(None, description="stage-2 uncertainty guidance scale")
+    counts: list[int] | None = Field(None, description="synthetic images per class (stage 1)")
+    networks: list[str] | None = Field(None, description="downstream networks, e.g. resnet18")
+    seeds: list[int] | None = Field(None, description="downstream training seeds")
+    device: str | None = Field(None, description="auto, cpu, cuda or cuda:N")
+    extra_overrides: dict[str, Any] = Field(
+        default_factory=dict, description='any other dotted params key, e.g. {"evaluate.epochs": 5}'
+    )
+
+
+# Form field -> dotted params key (the same keys `Params.with_overrides` and `dvc exp run -S` take).
+OVERRIDE_KEYS: dict[str, str] = {
+    "data_source": "data.source",
+    "data_path": "data.path",
+    "data_flag": "data.flag",
+    "guidance": "generate.guidance",
+    "guidance_scale": "generate.scale",
+    "measures": "disturb.measure",
+    "disturb_scale": "disturb.scale",
+    "counts": "generate.counts",
+    "networks": "evaluate.networks",
+    "seeds": "evaluate.seeds",
+    "device": "device",
+}
+
+
+def overrides_of(options: PipelineOptions) -> dict[str, Any]:
+    """The dotted-key overrides this form asks for (unset fields are left to params.yaml)."""
+    chosen = {key: getattr(options, field) for field, key in OVERRIDE_KEYS.items() if getattr(options, field) is not None}
+    return {**chosen, **options.extra_overrides}
+
+
+def resolve_params(options: PipelineOptions) -> Params:
+    """params.yaml + profile + form overrides, validated; never written back to params.yaml."""
+    root = Path(options.project_root).expanduser().resolve()
+    return load_params(root / "params.yaml", options.profile).with_overrides(overrides_of(options))
+
+
+# ---------------------------------------------------------------------------------------------
+# Caching: what a stage reads (parameters, upstream files, code) and what it leaves on disk.
+# The file lists mirror the deps/outs in dvc.yaml (tests/test_flows.py checks they agree).
+
+def upstream_paths(stage: str, params: Params, layout: Layout) -> list[Path]:
+    prepared = [layout.prepared]
+    models = [layout.diffusion_model, layout.classifier_model]
+    if stage == "prepare":
+        # Relative data paths are relative to the project root (as in stages/prepare.py).
+        return [layout.root / p for p in (params.data.path, params.data.val_path, params.data.test_path) if p]
+    if stage in _INDEPENDENT:
+        return prepared
+    if stage == "generate":
+        return prepared + models
+    if stage == "disturb":
+        return prepared + models + [layout.stage1_dir]
+    if stage == "evaluate":
+        return prepared + [layout.stage1_dir, layout.stage2_dir]
+    raise KeyError(stage)
+
+
+def output_paths(stage: str, params: Params, layout: Layout) -> list[Path]:
+    if stage == "prepare":
+        return [layout.prepared]
+    if stage == "train_diffusion":
+        return [layout.diffusion_model]
+    if stage == "train_classifier":
+        return [layout.classifier_model]
+    if stage == "generate":
+        return [layout.stage1_dir]
+    if stage == "disturb":
+        return [layout.stage2_measure_dir(m) for m in params.disturb.measures]
+    if stage == "evaluate":
+        return [layout.metrics_file("evaluate"), layout.reports_dir / "evaluate.md"]
+    raise KeyError(stage)
+
+
+def path_digest(path: Path) -> str | None:
+    """Content hash of a file or of every file under a folder; None when it does not exist."""
+    if not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def outputs_digest(stage: str, params: Params, layout: Layout) -> dict[str, str | None]:
+    return {layout.relative(p): path_digest(p) for p in output_paths(stage, params, layout)}
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Hash of the mgdm_core sources: a code change invalidates every stage (coarse but safe)."""
+    core = Path(mgdm_core.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for file in sorted(core.rglob("*.py")):
+        digest.update(str(file.relative_to(core)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_key(stage: str, params: Params, layout: Layout, unit: str | None = None) -> str:
+    """Stage name + its READS values + its upstream files + the code version (+ the grid unit)."""
+    payload = {
+        "stage": stage,
+        "unit": unit,
+        "root": str(layout.root),  # the result store may be shared by several projects
+        "reads": reads(params, stage_module(stage).READS),
+        "upstream": {str(p): path_digest(p) for p in upstream_paths(stage, params, layout)},
+        "code": code_version(),
+    }
+    return f"mgdm-{stage}-" + hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    return cache_key(parameters["stage"], parameters["params"], parameters["layout"])
+
+
+def _unit_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    return cache_key("evaluate", parameters["params"], parameters["layout"], unit=parameters["unit"].name)
+
+
+def is_transient(task: Any, task_run: Any, state: State) -> bool:
+    """Retry I/O trouble (a locked SQLite, a busy file system), never the user's bad input."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, Exception) and not isinstance(error, MgdmError)
+
+
+_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": is_transient}
+
+
+def _mlflow_run_of(layout: Layout, task_run_id: str) -> str | None:
+    """The MLflow run a task created (found by the tag we gave it; run_stage does not return it)."""
+    client, experiment_id = tracking.connect(layout.root)
+    runs = client.search_runs([experiment_id], f"tags.prefect_task_run_id = '{task_run_id}'", max_results=5)
+    finished = [r for r in runs if r.info.status == "FINISHED"] or runs
+    return finished[0].info.run_id if finished else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks.
+
+@task(cache_key_fn=_stage_cache_key, persist_result=True, task_run_name="{stage}", **_RETRIES)
+def stage_task(stage: str, params: Params, layout: Layout, parent_run_id: str | None, tags: dict[str, str]) -> dict[str, Any]:
+    task_run_id = str(runtime.task_run.id)
+    metrics = run_stage(stage, params, layout, parent_run_id=parent_run_id, tags={**tags, "prefect_task_run_id": task_run_id})
+    # The outputs digest travels with the cached result so a later run can tell whether the
+    # files on disk are still the ones this result describes (see `_run_stage`).
+    return {"stage": stage, "metrics": metrics, "mlflow_run_id": _mlflow_run_of(layout, task_run_id),
+            "outputs": outputs_digest(stage, params, layout)}
+
+
+@task(task_run_name="evaluate-plan")
+def plan_task(params: Params, layout: Layout) -> list[evaluate_stage.Unit]:
+    return evaluate_stage.plan(params, layout)
+
+
+@task(cache_key_fn=_unit_cache_key, persist_result=True, task_run_name="evaluate: {unit.name}", **_RETRIES)
+def unit_task(unit: evaluate_stage.Unit, params: Params, layout: Layout, stage_run_id: str) -> dict[str, Any]:
+    return evaluate_stage.run_unit(unit, params, layout, tracking.attach(layout.root, stage_run_id), progress=False)
+
+
+@task(task_run_name="evaluate-summarise", **_RETRIES)
+def summarise_task(results: list[dict[str, Any]], params: Params, layout: Layout, stage_run_id: str) -> dict[str, Any]:
+    return evaluate_stage.summarise(results, params, layout, tracking.attach(layout.root, stage_run_id))
+
+
+# ---------------------------------------------------------------------------------------------
+# The flow.
+
+def _resolve_stage(future: PrefectFuture, stage: str, params: Params, layout: Layout,
+                   parent_run_id: str, tags: dict[str, str]) -> tuple[dict[str, Any], str]:
+    """The stage's result; a cache hit whose outputs are gone or overwritten is run again."""
+    record = future.result()
+    state = future.state
+    if state.name != "Cached":
+        return record, "ran"
+    if record.get("outputs") == outputs_digest(stage, params, layout):
+        return record, "cached"
+    # Another run (other parameters) rewrote the files, or someone deleted them: the cached
+    # result no longer describes the disk, so recompute and overwrite the cache entry.
+    fresh = stage_task.with_options(refresh_cache=True)(stage, params, layout, parent_run_id, tags)
+    return fresh, "ran (cache stale)"
+
+
+def _run_evaluate(params: Params, layout: Layout, parent_run_id: str, tags: dict[str, str]) -> dict[str, Any]:
+    """The evaluate stage's MLflow run (as run_stage opens it), with the grid fanned out as tasks."""
+    with tracking.stage_run(layout.root, "evaluate", reads(params, evaluate_stage.READS), parent_run_id=parent_run_id,
+                            tags={"dataset": dataset_name(params), **tags}) as tracker:
+        units = plan_task(params, layout)
+        if not units:
+            raise MgdmError("evaluate: the grid is empty (check evaluate.networks, conditions and seeds)")
+        futures = [unit_task.submit(u, params, layout, tracker.run_id) for u in units]
+        results = [f.result() for f in futures]
+        cached = sum(f.state.name == "Cached" for f in futures)
+        summary = summarise_task(results, params, layout, tracker.run_id)
+        tracker.set_tags({"prefect_cached_units": f"{cached}/{len(units)}"})
+    return {"stage": "evaluate", "mlflow_run_id": tracker.run_id, "summary": summary,
+            "units": {r["network"] + " | " + r["condition"] + f" | seed {r['seed']}": r["run_id"] for r in results},
+            "cached_units": cached, "total_units": len(units)}
+
+
+@flow(name="mgdm-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS), log_prints=False)
+def mgdm_pipeline(options: PipelineOptions = PipelineOptions()) -> dict[str, Any]:
+    """prepare -> train_diffusion | train_classifier -> generate -> disturb -> evaluate (grid in parallel)."""
+    params = resolve_params(options)  # a ConfigError fails the run at once, naming the key
+    layout = Layout(Path(options.project_root).expanduser())
+    flow_run_id = str(runtime.flow_run.id)
+    tags = {"prefect_flow_run_id": flow_run_id}
+    parent = tracking.open_pipeline_run(layout.root, f"prefect {runtime.flow_run.name}", {"front_door": "prefect", **tags})
+    parent.log_params({"profile": options.profile or "", **{f"override.{k}": v for k, v in overrides_of(options).items()}})
+    parent.log_text(json.dumps(params.model_dump(mode="json"), indent=2), "params.json")
+    _params_artifact(options, params)
+
+    stages: dict[str, tuple[dict[str, Any], str]] = {}
+    try:
+        def run(*names: str) -> None:
+            # Stages in one call are independent (the two trainings) and run side by side.
+            futures = {n: stage_task.submit(n, params, layout, parent.run_id, tags) for n in names}
+            for n, fut in futures.items():
+                stages[n] = _resolve_stage(fut, n, params, layout, parent.run_id, tags)
+
+        run("prepare")
+        run(*_INDEPENDENT)
+        run("generate")
+        run("disturb")
+        evaluation = _run_evaluate(params, layout, parent.run_id, tags)
+        stages["evaluate"] = (evaluation, "ran" if evaluation["cached_units"] < evaluation["total_units"] else "cached")
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    parent.set_tags({f"prefect_{name}": how for name, (_, how) in stages.items()})
+    parent.finish("FINISHED")
+    _report_artifacts(layout, parent, stages)
+    return {"mlflow_parent_run_id": parent.run_id, "stages": {n: how for n, (_, how) in stages.items()},
+            "evaluate": evaluation["summary"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifacts (what the UI shows on the flow run page).
+
+def _params_artifact(options: PipelineOptions, params: Params) -> None:
+    rows = "\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in overrides_of(options).items()) or "| (none) | |"
+    create_markdown_artifact(
+        key="mgdm-params",
+        description="The parameters this run used (params.yaml + profile + form overrides)",
+        markdown=(f"# Parameters\n\nprofile: `{options.profile or '-'}`, project: `{options.project_root}`\n\n"
+                  f"| override | value |\n| --- | --- |\n{rows}\n\n"
+                  f"```json\n{json.dumps(params.model_dump(mode='json'), indent=2)}\n```\n"),
+    )
+
+
+def _mlflow_link(layout: Layout, experiment_id: str, run_id: str | None) -> str:
+    if not run_id:
+        return "-"
+    uri = tracking.tracking_uri(layout.root)
+    if uri.startswith("http"):
+        return f"[{run_id}]({uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})"
+    return f"`{run_id}`"
+
+
+# The sample grids stages write, shown inline; larger files are referenced by path only, since
+# an artifact is stored in the Prefect database and the UI has no file server for local paths.
+_GRIDS = ("prepare_real_samples.png", "generate_samples.png", "evaluate.png")
+_INLINE_LIMIT = 300_000
+
+
+def _report_artifacts(layout: Layout, parent: tracking.Tracker, stages: dict[str, tuple[dict[str, Any], str]]) -> None:
+    report = layout.reports_dir / "evaluate.md"
+    create_markdown_artifact(key="mgdm-evaluation", description="Downstream evaluation (reports/evaluate.md)",
+                             markdown=report.read_text() if report.is_file() else "_no report written_")
+
+    exp = parent.experiment_id
+    lines = [f"# MLflow runs\n\ntracking URI: `{tracking.tracking_uri(layout.root)}`\n",
+             f"pipeline (parent) run: {_mlflow_link(layout, exp, parent.run_id)}\n",
+             "| stage | this run | MLflow run |", "| --- | --- | --- |"]
+    for name, (record, how) in stages.items():
+        lines.append(f"| {name} | {how} | {_mlflow_link(layout, exp, record.get('mlflow_run_id'))} |")
+    for unit, run_id in stages.get("evaluate", ({}, ""))[0].get("units", {}).items():
+        lines.append(f"| evaluate: {unit} | | {_mlflow_link(layout, exp, run_id)} |")
+    create_markdown_artifact(key="mgdm-mlflow-runs", description="MLflow runs of this flow run", markdown="\n".join(lines))
+    uri = tracking.tracking_uri(layout.root)
+    if uri.startswith("http"):
+        create_link_artifact(key="mgdm-mlflow-parent", link=f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{parent.run_id}",
+                             link_text="MLflow pipeline run")
+
+    pictures = [layout.plot_file(n) for n in _GRIDS]
+    pictures += sorted(layout.plots_dir.glob("disturb_*_pairs.png"))
+    parts = ["# Sample grids\n"]
+    for png in pictures:
+        if not png.is_file():
+            continue
+        data = png.read_bytes()
+        if len(data) <= _INLINE_LIMIT:
+            parts.append(f"## {png.name}\n\n![{png.name}](data:image/png;base64,{base64.b64encode(data).decode()})\n")
+        else:
+            parts.append(f"## {png.name}\n\n`{png}` ({len(data) // 1024} KiB, too large to inline)\n")
+    create_markdown_artifact(key="mgdm-samples", description="Sample grids and the evaluation plot", markdown="\n".join(parts))

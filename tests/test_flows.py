@@ -1,0 +1,238 @@
+"""The Prefect front door: form -> overrides, cache keys, retry condition, and a real served run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("prefect")
+
+from prefect.states import Completed, Failed  # noqa: E402
+
+from flows import pipeline  # noqa: E402
+from flows.pipeline import PipelineOptions, cache_key, overrides_of, resolve_params  # noqa: E402
+from mgdm_core.errors import ConfigError, DataError  # noqa: E402
+from mgdm_core.layout import Layout  # noqa: E402
+from mgdm_core.stages import STAGES  # noqa: E402
+
+
+@pytest.fixture()
+def project(tmp_path: Path, repo_root: Path) -> Path:
+    """A project root holding only what the pipeline reads: params.yaml and profiles/."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(repo_root / "params.yaml", root / "params.yaml")
+    shutil.copytree(repo_root / "profiles", root / "profiles")
+    return root
+
+
+# --- the form ----------------------------------------------------------------------------------
+
+def test_empty_form_means_params_yaml(project: Path) -> None:
+    options = PipelineOptions(project_root=str(project), profile="smoke")
+    assert overrides_of(options) == {}
+    from mgdm_core.config import load_params
+
+    assert resolve_params(options) == load_params(project / "params.yaml", "smoke")
+
+
+def test_form_fields_map_to_dotted_overrides(project: Path) -> None:
+    options = PipelineOptions(project_root=str(project), profile="smoke", disturb_scale=2.0, measures=["margin"],
+                              guidance="cfg", guidance_scale=0.5, counts=[2, 2], networks=["simple_cnn"], seeds=[3],
+                              device="cpu", extra_overrides={"evaluate.epochs": 2})
+    assert overrides_of(options) == {"disturb.scale": 2.0, "disturb.measure": ["margin"], "generate.guidance": "cfg",
+                                     "generate.scale": 0.5, "generate.counts": [2, 2], "evaluate.networks": ["simple_cnn"],
+                                     "evaluate.seeds": [3], "device": "cpu", "evaluate.epochs": 2}
+    params = resolve_params(options)
+    assert params.disturb.scale == 2.0 and params.disturb.measures == ("margin",)
+    assert params.generate.counts == (2, 2) and params.evaluate.epochs == 2 and params.device == "cpu"
+    # Overrides are for this run only: params.yaml is untouched.
+    assert yaml.safe_load((project / "params.yaml").read_text())["disturb"]["scale"] == 4.0
+
+
+def test_bad_override_is_a_config_error_naming_the_key(project: Path) -> None:
+    with pytest.raises(ConfigError, match="evaluate.nope"):
+        resolve_params(PipelineOptions(project_root=str(project), extra_overrides={"evaluate.nope": 1}))
+    with pytest.raises(ConfigError, match="disturb.scale"):
+        resolve_params(PipelineOptions(project_root=str(project), extra_overrides={"disturb.scale": "x"}))
+
+
+def test_form_schema_is_typed_for_the_ui() -> None:
+    schema = pipeline.mgdm_pipeline.parameters.model_dump()
+    options = schema["definitions"]["PipelineOptions"]["properties"]
+    assert set(pipeline.OVERRIDE_KEYS) <= set(options)
+    assert "margin" in str(options["measures"])  # the measure list is an enum, a dropdown in the UI
+
+
+# --- caching -----------------------------------------------------------------------------------
+
+def test_cache_key_follows_reads_upstream_files_and_nothing_else(project: Path) -> None:
+    layout = Layout(project)
+    params = resolve_params(PipelineOptions(project_root=str(project), profile="smoke"))
+    key = cache_key("disturb", params, layout)
+    assert cache_key("disturb", params, layout) == key
+    # A parameter disturb reads changes its key; one it does not read (evaluate.*) does not.
+    assert cache_key("disturb", params.with_overrides({"disturb.scale": 2.0}), layout) != key
+    assert cache_key("disturb", params.with_overrides({"diffusion.steps": 200}), layout) != key
+    assert cache_key("disturb", params.with_overrides({"evaluate.epochs": 7}), layout) == key
+    assert cache_key("disturb", params.with_overrides({"diffusion.width": 16}), layout) == key  # not in READS
+    # ... but train_diffusion reads the whole diffusion section.
+    assert cache_key("train_diffusion", params.with_overrides({"diffusion.width": 16}), layout) != \
+        cache_key("train_diffusion", params, layout)
+    # An upstream file (the diffusion model) appearing or changing changes the key.
+    layout.diffusion_model.parent.mkdir(parents=True)
+    layout.diffusion_model.write_bytes(b"weights v1")
+    with_model = cache_key("disturb", params, layout)
+    assert with_model != key
+    layout.diffusion_model.write_bytes(b"weights v2")
+    assert cache_key("disturb", params, layout) != with_model
+    # prepare does not depend on the model.
+    assert cache_key("prepare", params, layout) == cache_key("prepare", params, Layout(project))
+
+
+def test_outputs_digest_sees_deleted_or_rewritten_outputs(project: Path) -> None:
+    layout = Layout(project)
+    params = resolve_params(PipelineOptions(project_root=str(project), profile="smoke"))
+    assert set(pipeline.outputs_digest("generate", params, layout).values()) == {None}
+    (layout.stage1_dir / "benign").mkdir(parents=True)
+    (layout.stage1_dir / "benign" / "a.png").write_bytes(b"1")
+    first = pipeline.outputs_digest("generate", params, layout)
+    (layout.stage1_dir / "benign" / "a.png").write_bytes(b"2")
+    assert pipeline.outputs_digest("generate", params, layout) != first
+    assert list(pipeline.outputs_digest("disturb", params, layout)) == ["synthetic/stage2/entropy", "synthetic/stage2/margin"]
+
+
+def test_file_lists_mirror_dvc_yaml(repo_root: Path, project: Path) -> None:
+    """upstream_paths/output_paths must say what dvc.yaml says (ignoring code and persist dirs)."""
+    dvc = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    layout = Layout(project)
+    params = resolve_params(PipelineOptions(project_root=str(project), profile="smoke"))
+    for stage in STAGES:
+        deps = {d for d in dvc[stage]["deps"] if not d.startswith("mgdm_core")}
+        assert {layout.relative(p) for p in pipeline.upstream_paths(stage, params, layout)} == deps, stage
+        outs = {next(iter(o)) if isinstance(o, dict) else o for o in dvc[stage]["outs"]}
+        outs = {o for o in outs if o not in ("models/diffusion", "models/classifier")}  # resumable state
+        ours = {layout.relative(p) for p in pipeline.output_paths(stage, params, layout)}
+        assert ours <= outs | {f"synthetic/stage2/{m}" for m in params.disturb.measures} | {"metrics/evaluate.json"}, stage
+
+
+def test_retry_condition_refuses_user_errors() -> None:
+    assert not pipeline.is_transient(None, None, Failed(data=DataError("x.npz: not found")))
+    assert not pipeline.is_transient(None, None, Failed(data=ConfigError("bad key")))
+    assert pipeline.is_transient(None, None, Failed(data=OSError("database is locked")))
+    assert not pipeline.is_transient(None, None, Completed(data=1))
+
+
+def test_tasks_call_the_library(project: Path) -> None:
+    """`.fn()` runs a task body without Prefect: the plan task is evaluate.plan."""
+    params = resolve_params(PipelineOptions(project_root=str(project), profile="smoke",
+                                            extra_overrides={"evaluate.conditions": ["real", "real+stage1"]}))
+    units = pipeline.plan_task.fn(params, Layout(project))
+    assert [(u.condition, u.seed) for u in units] == [("real", 0), ("real+stage1", 0)]
+
+
+# --- a real server -----------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_deployment(client, name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.read_deployment_by_name(name)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+@pytest.mark.slow
+def test_served_deployment_runs_and_caches(project: Path, repo_root: Path, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.serve import wait_healthy
+
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
+               MGDM_PREFECT_MAX_WORKERS="2", PYTHONUNBUFFERED="1")
+    log = open(tmp_path / "serve.log", "wb")
+    # The real front door: `python -m flows.serve` starts the server and serves the deployment.
+    serve = subprocess.Popen([sys.executable, "-m", "flows.serve", "--port", str(port), "--startup-timeout", "150"],
+                             cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(api, 150, serve)
+        options = {"project_root": str(project), "profile": "smoke", "disturb_scale": 2.0, "measures": ["margin"],
+                   "device": "cpu"}
+        with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+            _wait_for_deployment(client, "mgdm-pipeline/mgdm", 60)
+
+            def run() -> tuple[object, float]:
+                started = time.monotonic()
+                flow_run = run_deployment("mgdm-pipeline/mgdm", parameters={"options": options}, timeout=240,
+                                          poll_interval=2, as_subflow=False)
+                return flow_run, time.monotonic() - started
+
+            first, first_seconds = run()
+            assert first.state is not None and first.state.is_completed(), (first.state, _tail(tmp_path / "serve.log"))
+            by_run = FlowRunFilter(id=FlowRunFilterId(any_=[first.id]))
+            artifacts = {a.key: a for a in client.read_artifacts(flow_run_filter=by_run)}
+            assert {"mgdm-params", "mgdm-evaluation", "mgdm-mlflow-runs", "mgdm-samples"} <= set(artifacts)
+            assert "real+stage2:margin" in artifacts["mgdm-evaluation"].data
+            assert '"scale": 2.0' in artifacts["mgdm-params"].data
+
+            mlflow = MlflowClient(f"sqlite:///{project / 'mlruns.db'}")
+            experiment = mlflow.get_experiment_by_name("mgdm")
+            parents = mlflow.search_runs([experiment.experiment_id],
+                                         f"tags.prefect_flow_run_id = '{first.id}' and tags.kind = 'pipeline'")
+            assert len(parents) == 1 and parents[0].data.tags["front_door"] == "prefect"
+            assert parents[0].info.status == "FINISHED"
+            children = mlflow.search_runs([experiment.experiment_id],
+                                          f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+            assert {c.data.tags["stage"] for c in children} == set(STAGES)
+            assert all(c.data.tags["prefect_flow_run_id"] == str(first.id) for c in children)
+            disturb = next(c for c in children if c.data.tags["stage"] == "disturb")
+            assert disturb.data.params["disturb.scale"] == "2.0"
+
+            second, second_seconds = run()
+            assert second.state is not None and second.state.is_completed(), second.state
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[second.id])))
+            states = {t.name: t.state.name for t in tasks if t.state is not None}
+            for stage in STAGES[:-1]:
+                assert states.get(stage) == "Cached", states
+            units = {n: s for n, s in states.items() if n.startswith("evaluate: ")}
+            assert units and set(units.values()) == {"Cached"}, states
+            print(f"first run {first_seconds:.1f} s, cached rerun {second_seconds:.1f} s")
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C: flows.serve stops the runner and its server
+            try:
+                serve.wait(40)
+            except subprocess.TimeoutExpired:
+                os.killpg(serve.pid, signal.SIGKILL)
+                serve.wait()
+        log.close()
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -1,0 +1,134 @@
+"""The six stages on the smoke profile, in process, in a temporary project: their data contracts."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mgdm_core import tracking
+from mgdm_core.config import load_params
+from mgdm_core.io import MANIFEST_COLUMNS, read_image, read_manifest
+from mgdm_core.layout import Layout
+from mgdm_core.stages import STAGES, run_stage
+
+
+@pytest.fixture(scope="module")
+def smoke(repo_root, tmp_path_factory):
+    """Run the whole chain once under one MLflow parent run; the tests read what it left."""
+    root = tmp_path_factory.mktemp("project")
+    mp = pytest.MonkeyPatch()
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = load_params(repo_root / "params.yaml", "smoke")
+    layout = Layout(root)
+    parent = tracking.open_pipeline_run(root, "pipeline", {"dataset": "phantom"})
+    metrics = {name: run_stage(name, params, layout, parent_run_id=parent.run_id) for name in STAGES}
+    parent.finish()
+    yield params, layout, metrics, parent.run_id
+    mp.undo()
+
+
+def test_prepare_writes_uint8_splits_and_class_names(smoke):
+    params, layout, metrics, _ = smoke
+    meta = json.loads(layout.classes_file.read_text())
+    assert meta["class_names"] == ["benign", "malignant"]
+    for split in ("train", "val", "test"):
+        with np.load(layout.split_file(split)) as arrays:
+            images, labels = arrays["images"], arrays["labels"]
+        size = params.data.image_size
+        assert images.dtype == np.uint8 and images.shape[1:] == (size, size, params.data.channels)
+        assert labels.dtype == np.int64 and set(np.unique(labels)) == {0, 1}
+    total = sum(metrics["prepare"][f"{s}_images"] for s in ("train", "val", "test"))
+    assert total == sum(params.data.phantom_counts)
+
+
+def test_training_stages_write_loadable_models_and_curves(smoke):
+    _, layout, metrics, _ = smoke
+    assert layout.diffusion_model.is_file() and layout.classifier_model.is_file()
+    assert (layout.diffusion_dir / "checkpoint.pt").is_file()
+    assert np.isfinite(metrics["train_diffusion"]["final_loss"])
+    curve = layout.plot_file("train_diffusion.csv").read_text().splitlines()
+    assert curve[0].startswith("step,") and len(curve) > 2
+    assert any(k.startswith("val_balanced_accuracy_t") for k in metrics["train_classifier"])
+
+
+def test_generate_writes_the_requested_count_per_class_with_a_manifest(smoke):
+    params, layout, metrics, _ = smoke
+    rows = read_manifest(layout.stage1_dir / "manifest.csv")
+    assert tuple(rows[0])[: len(MANIFEST_COLUMNS)] == MANIFEST_COLUMNS
+    for label, count in enumerate(params.generate.counts):
+        mine = [r for r in rows if int(r["label"]) == label]
+        assert len(mine) == count
+        for r in mine:
+            image = read_image(layout.stage1_dir / r["file"])
+            assert image.shape == (params.data.image_size, params.data.image_size, 1)
+            assert r["file"].startswith(f"{r['class']}/")  # the original's <class>/<name>.png layout
+            assert 0.0 < float(r["confidence"]) <= 1.0 and float(r["entropy"]) >= 0.0
+    assert len({r["seed"] for r in rows}) == len(rows)
+
+
+def test_disturb_writes_one_set_per_measure_pointing_at_its_sources(smoke):
+    params, layout, metrics, _ = smoke
+    stage1 = read_manifest(layout.stage1_dir / "manifest.csv")
+    for measure in params.disturb.measures:
+        rows = read_manifest(layout.stage2_measure_dir(measure) / "manifest.csv")
+        assert len(rows) == len(stage1)
+        assert {r["guidance"] for r in rows} == {measure}
+        assert {r["source"] for r in rows} == {f"stage1/{r['file']}" for r in stage1}
+        assert all(np.isfinite(float(r["roundtrip_error"])) for r in rows)
+    assert metrics["disturb"]["latent_std_mean"] > 0
+
+
+def test_evaluate_writes_summary_report_and_plot(smoke):
+    params, layout, metrics, _ = smoke
+    summary = json.loads(layout.metrics_file("evaluate").read_text())
+    conditions = summary["networks"]["simple_cnn"]
+    expected = {"real", "real+stage1"} | {f"real+stage2:{m}" for m in params.disturb.measures}
+    assert set(conditions) == expected
+    assert conditions["real"]["vs_baseline"] is None
+    assert "auc" in conditions["real+stage1"]["vs_baseline"]
+    assert "simple_cnn" in (layout.reports_dir / "evaluate.md").read_text()
+    assert layout.plot_file("evaluate.png").stat().st_size > 0
+
+
+def test_every_stage_writes_its_metrics_file(smoke):
+    _, layout, _, _ = smoke
+    for name in STAGES:
+        assert json.loads(layout.metrics_file(name).read_text())
+
+
+def test_mlflow_holds_one_child_run_per_stage_and_one_per_evaluation_unit(smoke):
+    params, layout, _, parent_id = smoke
+    client, experiment_id = tracking.connect(layout.root)
+    runs = client.search_runs([experiment_id], max_results=500)
+    stage_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    assert sorted(r.data.tags["stage"] for r in stage_runs) == sorted(STAGES)
+    assert all(r.info.status == "FINISHED" for r in stage_runs)
+    evaluate_id = next(r.info.run_id for r in stage_runs if r.data.tags["stage"] == "evaluate")
+    units = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == evaluate_id]
+    n_conditions = 2 + len(params.disturb.measures)
+    assert len(units) == len(params.evaluate.networks) * n_conditions * len(params.evaluate.seeds)
+    assert {"network", "condition", "seed", "dataset"} <= set(units[0].data.tags)
+    assert "auc" in units[0].data.metrics
+
+
+def test_generate_rerun_fills_in_only_missing_images(smoke):
+    params, layout, _, _ = smoke
+    rows = read_manifest(layout.stage1_dir / "manifest.csv")
+    kept, removed = layout.stage1_dir / rows[0]["file"], layout.stage1_dir / rows[1]["file"]
+    kept_bytes, removed_bytes = kept.read_bytes(), removed.read_bytes()
+    kept_mtime = kept.stat().st_mtime_ns
+    removed.unlink()
+    run_stage("generate", params, layout)
+    assert kept.stat().st_mtime_ns == kept_mtime and kept.read_bytes() == kept_bytes
+    # The image is regenerated from its own seed: identical to the one deleted.
+    assert removed.read_bytes() == removed_bytes
+
+
+def test_generate_with_other_parameters_replaces_earlier_outputs(smoke):
+    params, layout, _, _ = smoke
+    changed = params.with_overrides({"generate.counts": [2, 1]})
+    run_stage("generate", changed, layout)
+    rows = read_manifest(layout.stage1_dir / "manifest.csv")
+    assert len(rows) == 3
+    pngs = sorted(p for p in layout.stage1_dir.rglob("*.png"))
+    assert len(pngs) == 3
