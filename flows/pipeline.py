@@ -6,7 +6,8 @@ does (an explicit key over parameters, upstream files and code, plus an outputs-
 is explained in docs/prefect.md.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: the runner loads this file by path, and pydantic
+# must resolve the flow's parameter annotations (PipelineOptions) without the module namespace.
 
 import base64
 import hashlib
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import mgdm_core
 from mgdm_core import tracking
 from mgdm_core.config import Measure, Params, load_params
-from mgdm_core.errors import MgdmError
+from mgdm_core.errors import ConfigError, MgdmError
 from mgdm_core.layout import Layout
 from mgdm_core.stages import STAGES, reads, run_stage, stage_module
 from mgdm_core.stages import evaluate as evaluate_stage
@@ -248,7 +249,7 @@ def _run_evaluate(params: Params, layout: Layout, parent_run_id: str, tags: dict
                             tags={"dataset": dataset_name(params), **tags}) as tracker:
         units = plan_task(params, layout)
         if not units:
-            raise MgdmError("evaluate: the grid is empty (check evaluate.networks, conditions and seeds)")
+            raise ConfigError("evaluate: the grid is empty (check evaluate.networks, conditions and seeds)")
         futures = [unit_task.submit(u, params, layout, tracker.run_id) for u in units]
         results = [f.result() for f in futures]
         cached = sum(f.state.name == "Cached" for f in futures)

@@ -27,8 +27,8 @@ def prefect_env(home: Path | None = None) -> dict[str, str]:
         "PREFECT_HOME": str(home or os.environ.get("PREFECT_HOME") or REPO_ROOT / ".prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
-        # Stage progress is logged by the core's `mgdm` logger; show it in the flow-run logs.
-        "PREFECT_LOGGING_EXTRA_LOGGERS": "mgdm",
+        # The core logs through `mgdm` and `mgdm_core.*` loggers; show them in the flow-run logs.
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "mgdm,mgdm_core",
     }
     return env
 

@@ -30,6 +30,7 @@ class DataParams(Section):
     val_path: str | None = None  # imagefolder only: a separate validation root
     test_path: str | None = None  # imagefolder only: a separate test root
     flag: str | None = None  # medmnist only: the data set flag, e.g. "breastmnist"
+    class_names: tuple[str, ...] | None = None  # display names in label order (default: the source's)
     image_size: int = Field(28, ge=8, le=512)
     channels: Literal[1, 3] = 1
     phantom_counts: tuple[int, ...] = (360, 120)  # images per class before splitting (phantom)
@@ -142,7 +143,7 @@ class EvaluateParams(Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     synthetic_ratio: float = Field(0.5, gt=0)  # synthetic images added per real training image
-    workers: int = Field(1, ge=1)  # concurrent (network, condition, seed) units in this process
+    workers: int = Field(1, ge=1)  # units trained at once, each in its own process
 
     @field_validator("conditions")
     @classmethod

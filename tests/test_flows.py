@@ -73,6 +73,19 @@ def test_form_schema_is_typed_for_the_ui() -> None:
     assert "margin" in str(options["measures"])  # the measure list is an enum, a dropdown in the UI
 
 
+def test_flow_loads_from_its_entrypoint_and_validates(repo_root: Path, project: Path, monkeypatch) -> None:
+    """The deployment's entrypoint loads and validates the form (the served run also needs the flow
+    module to avoid `from __future__ import annotations`; only the slow test catches that one)."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    monkeypatch.chdir(repo_root)
+    loaded = load_flow_from_entrypoint("flows/pipeline.py:mgdm_pipeline")
+    validated = loaded.validate_parameters({"options": {"project_root": str(project), "disturb_scale": 2.0}})
+    assert validated["options"].disturb_scale == 2.0
+    with pytest.raises(Exception, match="measures"):
+        loaded.validate_parameters({"options": {"measures": ["not-a-measure"]}})
+
+
 # --- caching -----------------------------------------------------------------------------------
 
 def test_cache_key_follows_reads_upstream_files_and_nothing_else(project: Path) -> None:
@@ -123,6 +136,34 @@ def test_file_lists_mirror_dvc_yaml(repo_root: Path, project: Path) -> None:
         outs = {o for o in outs if o not in ("models/diffusion", "models/classifier")}  # resumable state
         ours = {layout.relative(p) for p in pipeline.output_paths(stage, params, layout)}
         assert ours <= outs | {f"synthetic/stage2/{m}" for m in params.disturb.measures} | {"metrics/evaluate.json"}, stage
+
+
+class _FakeFuture:
+    def __init__(self, record: dict, state_name: str):
+        self._record, self.state = record, type("S", (), {"name": state_name})()
+
+    def result(self) -> dict:
+        return self._record
+
+
+def test_cache_hit_with_changed_outputs_is_rerun(project: Path, monkeypatch) -> None:
+    layout = Layout(project)
+    params = resolve_params(PipelineOptions(project_root=str(project), profile="smoke"))
+    calls: list[dict] = []
+
+    class FakeTask:
+        def with_options(self, **kwargs):
+            calls.append(kwargs)
+            return lambda *args: {"fresh": True}
+
+    monkeypatch.setattr(pipeline, "stage_task", FakeTask())
+    current = pipeline.outputs_digest("generate", params, layout)
+    ok = pipeline._resolve_stage(_FakeFuture({"outputs": current}, "Cached"), "generate", params, layout, "p", {})
+    assert ok == ({"outputs": current}, "cached") and not calls
+    stale = {"outputs": {"synthetic/stage1": "0123456789abcdef"}}
+    again = pipeline._resolve_stage(_FakeFuture(stale, "Cached"), "generate", params, layout, "p", {})
+    assert again == ({"fresh": True}, "ran (cache stale)") and calls == [{"refresh_cache": True}]
+    assert pipeline._resolve_stage(_FakeFuture(stale, "Completed"), "generate", params, layout, "p", {})[1] == "ran"
 
 
 def test_retry_condition_refuses_user_errors() -> None:

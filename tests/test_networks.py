@@ -57,6 +57,16 @@ def reference_classifier_config(**overrides: object) -> ClassifierConfig:
     return ClassifierConfig(**{**fields, **overrides})
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run on one thread: these tensors are tiny, and on a busy 2-core machine OpenMP spin-waiting made
+    two threads about 10x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def parameter_count(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
@@ -155,25 +165,27 @@ def test_classifier_attention_resolution_must_be_a_feature_size() -> None:
 
 
 def test_tiny_unet_hybrid_loss_falls_on_a_toy_set(tmp_path) -> None:
-    # Two classes of 16x16 images: a bright square top-left or bottom-right on a dark field.
-    images = torch.full((64, 1, 16, 16), -1.0)
+    # Two classes of 8x8 images: a bright square top-left or bottom-right on a dark field.
+    images = torch.full((64, 1, 8, 8), -1.0)
     labels = torch.arange(64) % 2
-    images[labels == 0, :, 2:8, 2:8] = 1.0
-    images[labels == 1, :, 8:14, 8:14] = 1.0
+    images[labels == 0, :, 1:4, 1:4] = 1.0
+    images[labels == 1, :, 4:7, 4:7] = 1.0
     schedule = make_schedule("linear", 1000)
-    config = default_unet_config(16, 1, 2, width=32, channel_mult=(1, 2), num_res_blocks=1, dropout=0.0)
+    config = default_unet_config(
+        8, 1, 2, width=32, channel_mult=(1, 2), attention_resolutions=(4,), num_res_blocks=1, dropout=0.0
+    )
 
     def loss_fn(model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
         index = torch.randint(0, 64, (16,), generator=generator)
         t = torch.randint(0, schedule.num_timesteps, (16,), generator=generator)
-        noise = torch.randn(16, 1, 16, 16, generator=generator)
+        noise = torch.randn(16, 1, 8, 8, generator=generator)
         loss, _ = hybrid_loss(model, schedule, images[index], t, labels[index], noise)
         return loss.mean()
 
     torch.manual_seed(0)
     result = train_loop(
-        model=UNet(config), loss_fn=loss_fn, steps=300, lr=2e-3, weight_decay=0.0, ema_decay=0.99,
-        device=torch.device("cpu"), seed=0, checkpoint_path=tmp_path / "checkpoint.pt", checkpoint_every=300,
+        model=UNet(config), loss_fn=loss_fn, steps=200, lr=2e-3, weight_decay=0.0, ema_decay=0.99,
+        device=torch.device("cpu"), seed=0, checkpoint_path=tmp_path / "checkpoint.pt", checkpoint_every=200,
         config=config.model_dump(), kind="diffusion", on_log=None, log_every=50, progress=False,
     )
     # Per-step losses vary with the random timesteps; compare means over 50 steps each.

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import csv
 import io as _io
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from mgdm_core.config import Params
 from mgdm_core.device import resolve_device
@@ -29,7 +32,7 @@ from mgdm_core.evaluation.train import EvalData, train_and_test
 from mgdm_core.io import atomic_write, ensure_writable_dir, read_image, read_manifest
 from mgdm_core.layout import Layout
 from mgdm_core.stages.common import Prepared, load_prepared, log, write_metrics
-from mgdm_core.tracking import Tracker
+from mgdm_core.tracking import Tracker, attach
 
 READS = ("seed", "device", "evaluate")
 
@@ -171,9 +174,22 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, Any]:
     log.info("evaluate: %d units (%d networks x %d conditions x %d seeds), %d at a time", len(units),
              len(params.evaluate.networks), len(units) // (len(params.evaluate.networks) * len(params.evaluate.seeds)),
              len(params.evaluate.seeds), params.evaluate.workers)
-    if params.evaluate.workers == 1:
+    workers = min(params.evaluate.workers, len(units))
+    if workers == 1:
         results = [run_unit(u, params, layout, tracker) for u in units]
     else:
-        with ThreadPoolExecutor(params.evaluate.workers) as pool:
-            results = list(pool.map(lambda u: run_unit(u, params, layout, tracker, progress=False), units))
+        # Processes, not threads: torch's global RNG (init, dropout, augmentation) is per process,
+        # so every unit stays bit-reproducible whatever the number of workers.
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = [pool.submit(_run_unit_in_worker, u, params, layout.root, tracker.run_id, threads) for u in units]
+            results = [f.result() for f in tqdm(futures, desc="evaluate", unit="unit")]
     return summarise(results, params, layout, tracker)
+
+
+def _run_unit_in_worker(unit: Unit, params: Params, root: Path, run_id: str, threads: int) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    return run_unit(unit, params, Layout(root), attach(root, run_id), progress=False)

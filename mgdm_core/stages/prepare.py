@@ -8,7 +8,8 @@ import numpy as np
 
 from mgdm_core.config import Params
 from mgdm_core.data.loaders import resize_and_convert
-from mgdm_core.data.sources import load_source
+from mgdm_core.data.sources import check_class_name, load_source
+from mgdm_core.errors import ConfigError
 from mgdm_core.io import ensure_writable_dir, save_npz_atomic, write_json_atomic
 from mgdm_core.layout import Layout
 from mgdm_core.plots import class_grid
@@ -21,6 +22,19 @@ READS = ("seed", "data")
 def _resolve(layout: Layout, path: str | None) -> Path | None:
     """Relative data paths are relative to the project root (where dvc.yaml lives)."""
     return None if path is None else (layout.root / path).resolve()
+
+
+def _class_names(wanted: tuple[str, ...] | None, found: tuple[str, ...]) -> tuple[str, ...]:
+    """`data.class_names` renames the source's classes (e.g. MedMNIST's "0", "1"); folder-safe names only."""
+    if wanted is None:
+        return found
+    if len(wanted) != len(found):
+        raise ConfigError(f"data.class_names: {len(wanted)} names given, the data has {len(found)} classes {list(found)}")
+    for name in wanted:
+        check_class_name(name, "data.class_names")
+    if len(set(wanted)) != len(wanted):
+        raise ConfigError(f"data.class_names: names must be distinct, got {list(wanted)}")
+    return wanted
 
 
 def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
@@ -39,7 +53,8 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
         test_fraction=data.test_fraction,
     )
     ensure_writable_dir(layout.prepared)
-    num_classes = len(splits.class_names)
+    class_names = _class_names(data.class_names, splits.class_names)
+    num_classes = len(class_names)
     metrics: dict[str, float] = {"num_classes": num_classes}
     prepared = {}
     for split in SPLITS:
@@ -54,15 +69,16 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     write_json_atomic(
         layout.classes_file,
         {
-            "class_names": list(splits.class_names),
+            "class_names": list(class_names),
             "dataset": dataset_name(params),
             "source": splits.source,
             "image_size": data.image_size,
             "channels": data.channels,
+            "notes": list(splits.notes),
         },
     )
     grid = layout.plot_file("prepare_real_samples.png")
-    class_grid(*prepared["train"], splits.class_names, grid, title=f"real training images ({dataset_name(params)})")
+    class_grid(*prepared["train"], class_names, grid, title=f"real training images ({dataset_name(params)})")
     tracker.log_artifact(grid, "samples")
     tracker.log_metrics(metrics)
     write_metrics(layout, "prepare", metrics)

@@ -111,15 +111,16 @@ def load_checkpoint(
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch.load raises many types on garbage (IndexError, EOFError, RuntimeError...)
-        message = str(err)
-        if isinstance(err, pickle.UnpicklingError) and message.startswith("Weights only load failed"):
-            # torch's message spans many lines; the "Unsupported global" line names the refused object.
-            refused = next((line.strip() for line in message.splitlines() if "Unsupported global" in line), "")
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        # torch's weights-only message spans many lines; the "Unsupported ..." line holds the cause:
+        # "Unsupported global: GLOBAL module.Class" for a refused object, an opcode for garbage.
+        unsupported = next((line for line in lines if "Unsupported" in line), None)
+        if isinstance(err, pickle.UnpicklingError) and unsupported and "Unsupported global" in unsupported:
             raise CheckpointError(
                 f"checkpoint {path} holds a pickled Python object that weights-only loading refuses "
-                f"(not loaded, since unpickling it could run code){': ' + refused if refused else ''}"
+                f"(not loaded, since unpickling it could run code): {unsupported}"
             ) from None
-        reason = message.splitlines()[0] if message else type(err).__name__
+        reason = unsupported or (lines[0] if lines else type(err).__name__)
         raise CheckpointError(f"checkpoint {path} is unreadable or corrupt: {reason}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or not {"kind", "config", "state"} <= set(payload):
         raise CheckpointError(f"checkpoint {path} is not an mgdm checkpoint (format {CHECKPOINT_FORMAT})")
