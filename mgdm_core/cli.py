@@ -42,7 +42,12 @@ def _run_stage(args: argparse.Namespace) -> int:
     from mgdm_core.layout import Layout
     from mgdm_core.stages import run_stage
 
+    from mgdm_core.io import ensure_writable_dir
+
     params = load_params(args.params, args.profile)
+    # Before tracking opens its store under the root: an unusable root is one DataError line,
+    # not a traceback from deep inside MLflow/SQLite.
+    ensure_writable_dir(Path(args.root))
     run_stage(args.command, params, Layout(Path(args.root)))
     return 0
 

@@ -85,6 +85,10 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     data = load_prepared(layout)
     counts = counts_per_class(params, data.labels["train"], data.num_classes)
     out = layout.stage1_dir
+    # Load the models first: a missing or mismatched checkpoint is a one-line CheckpointError,
+    # raised before the fingerprint reads them and before any output is touched.
+    unet = load_unet(layout.diffusion_model, device)
+    classifier = load_classifier(layout.classifier_model, device)
     fingerprint = {"generate": g.model_dump(mode="json"), "seed": params.seed,
                    "diffusion": file_digest(layout.diffusion_model), "classifier": file_digest(layout.classifier_model)}
     resumed = claim_output_dir(out, fingerprint)
@@ -97,8 +101,6 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     todo = [j for j in jobs if not j.path.exists()]
     if resumed and len(todo) < len(jobs):
         log.info("generate: resuming, %d of %d images already written", len(jobs) - len(todo), len(jobs))
-    unet = load_unet(layout.diffusion_model, device)
-    classifier = load_classifier(layout.classifier_model, device)
     shape = (data.channels, data.image_size, data.image_size)
     for batch, images in sample_batches(unet, classifier, todo, params, device, data.num_classes, shape):
         for job, image in zip(batch, images):

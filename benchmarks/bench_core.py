@@ -1,0 +1,213 @@
+"""Throughput of the core at the reference configuration (28x28x1, two classes, batch 32).
+
+Measures images/second for a diffusion training step (hybrid loss), a classifier training step,
+stage 1 (classifier-guided DDIM-50 and classifier-free-guided DDIM-50) and stage 2 (DDIM-50
+inversion + entropy-guided DDIM-50 decode), plus peak RSS. CPU runs with 2 threads; CUDA runs
+(when present) use bf16 autocast, optionally channels_last. bf16 autocast on CPU is measured
+once, for speed and for its deviation from fp32, but is not what the pipeline uses.
+
+    python benchmarks/bench_core.py [--quick] [--json PATH] [--device cpu|cuda] [--channels-last]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mgdm_core.device import autocast, resolve_device
+from mgdm_core.diffusion.guidance import cfg_model, classifier_guidance, uncertainty_guidance
+from mgdm_core.diffusion.losses import hybrid_loss, q_sample
+from mgdm_core.diffusion.sampling import ddim_invert, ddim_sample, initial_noise
+from mgdm_core.diffusion.schedule import make_schedule, respace
+from mgdm_core.networks.classifier import ClassifierConfig, NoisyClassifier
+from mgdm_core.networks.unet import UNet, UNetConfig
+
+BATCH = 32
+CLASSIFIER_SCALE = 1.0
+CFG_SCALE = 1.0
+ENTROPY_SCALE = 1.0
+
+UNET_CONFIG = UNetConfig(
+    image_size=28, in_channels=1, num_classes=2, width=64, channel_mult=(1, 2, 2), num_res_blocks=2,
+    attention_resolutions=(14, 7), num_heads=4, num_head_channels=-1, dropout=0.0,
+    scale_shift_norm=True, resblock_updown=True, learn_sigma=True,
+)
+CLASSIFIER_CONFIG = ClassifierConfig(
+    image_size=28, in_channels=1, num_classes=2, width=32, depth=2, channel_mult=(1, 2, 2),
+    attention_resolutions=(14, 7), num_head_channels=64, pool="attention", scale_shift_norm=True,
+    resblock_updown=True, dropout=0.0,
+)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_second(run: Callable[[], None], images: int, repeats: int, device: torch.device) -> float:
+    """Run once to warm up, then `repeats` timed runs; images processed per wall-clock second."""
+    run()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    synchronize(device)
+    return images * repeats / (time.perf_counter() - start)
+
+
+class Bench:
+    """Models, data and one closure per measured workload, all on one device and precision."""
+
+    def __init__(self, device: torch.device, precision: Callable[[], contextlib.AbstractContextManager], channels_last: bool) -> None:
+        torch.manual_seed(0)
+        self.device = device
+        self.precision = precision
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.unet = UNet(UNET_CONFIG).to(device, memory_format=memory_format)
+        self.classifier = NoisyClassifier(CLASSIFIER_CONFIG).to(device, memory_format=memory_format)
+        # Zero-initialised output layers make an untrained net trivially cheap to get right; perturb them.
+        with torch.no_grad():
+            for parameter in [*self.unet.parameters(), *self.classifier.parameters()]:
+                parameter.add_(torch.randn_like(parameter) * 1e-3)
+        self.schedule = make_schedule("linear", 1000)
+        generator = torch.Generator().manual_seed(0)
+        self.x0 = (torch.rand(BATCH, 1, 28, 28, generator=generator) * 2 - 1).to(device, memory_format=memory_format)
+        self.y = torch.arange(BATCH, device=device) % 2
+        self.unet_optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-4)
+        self.classifier_optimizer = torch.optim.AdamW(self.classifier.parameters(), lr=3e-4)
+
+    def train_diffusion(self) -> None:
+        self.unet.train()
+        t = torch.randint(0, 1000, (BATCH,), device=self.device)
+        with self.precision():
+            loss, _ = hybrid_loss(self.unet, self.schedule, self.x0, t, self.y, torch.randn_like(self.x0))
+        self.unet_optimizer.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        self.unet_optimizer.step()
+
+    def train_classifier(self) -> None:
+        self.classifier.train()
+        t = torch.randint(0, 1000, (BATCH,), device=self.device)
+        x_t = q_sample(self.schedule, self.x0, t, torch.randn_like(self.x0))
+        with self.precision():
+            loss = F.cross_entropy(self.classifier(x_t, t), self.y)
+        self.classifier_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.classifier_optimizer.step()
+
+    def sampler(self, spacing: str, workload: str) -> Callable[[], None]:
+        schedule = respace(self.schedule, spacing)
+        x_T = initial_noise(range(BATCH), (1, 28, 28), self.device, torch.float32)
+
+        def stage1_classifier() -> None:
+            ddim_sample(self.unet, x_T, schedule, y=self.y, guidance=classifier_guidance(self.classifier), scale=CLASSIFIER_SCALE)
+
+        def stage1_cfg() -> None:
+            ddim_sample(cfg_model(self.unet, CFG_SCALE, UNET_CONFIG.null_class), x_T, schedule, y=self.y)
+
+        def stage2_entropy() -> None:
+            latent = ddim_invert(self.unet, self.x0, schedule, y=self.y)
+            ddim_sample(
+                self.unet, latent, schedule, y=self.y,
+                guidance=uncertainty_guidance(self.classifier, "entropy"), scale=ENTROPY_SCALE,
+            )
+
+        workloads = {"stage1_classifier": stage1_classifier, "stage1_cfg": stage1_cfg, "stage2_entropy": stage2_entropy}
+        run = workloads[workload]
+
+        def timed() -> None:
+            # Sampling never trains: no autograd graph outside the guidance's own enable_grad.
+            self.unet.eval()
+            self.classifier.eval()
+            with torch.no_grad(), self.precision():
+                run()
+
+        return timed
+
+
+def measure(bench: Bench, quick: bool) -> dict[str, float]:
+    """images/s per workload; sampling figures are for 50 steps (quick mode times 10 and divides by 5)."""
+    train_repeats = 3 if quick else 10
+    spacing, steps_factor = ("ddim10", 5.0) if quick else ("ddim50", 1.0)
+    results = {
+        "train_diffusion": images_per_second(bench.train_diffusion, BATCH, train_repeats, bench.device),
+        "train_classifier": images_per_second(bench.train_classifier, BATCH, train_repeats, bench.device),
+    }
+    for workload in ("stage1_classifier", "stage1_cfg", "stage2_entropy"):
+        run = bench.sampler(spacing, workload)
+        results[workload] = images_per_second(run, BATCH, 1, bench.device) / steps_factor
+    return results
+
+
+def bf16_cpu_check(bench: Bench) -> dict[str, float]:
+    """One fp32 vs bf16-autocast comparison on CPU: training-step speed and the UNet output's deviation."""
+    t = torch.linspace(0, 999, BATCH).long()
+    x_t = q_sample(bench.schedule, bench.x0, t, torch.randn_like(bench.x0))
+    with torch.no_grad():
+        reference = bench.unet(x_t, t, bench.y)[:, :1]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            approx = bench.unet(x_t, t, bench.y)[:, :1].float()
+    bf16_bench = Bench(bench.device, lambda: torch.autocast("cpu", dtype=torch.bfloat16), channels_last=False)
+    return {
+        "train_diffusion_fp32": images_per_second(bench.train_diffusion, BATCH, 3, bench.device),
+        "train_diffusion_bf16": images_per_second(bf16_bench.train_diffusion, BATCH, 3, bench.device),
+        "eps_relative_error_bf16": float((approx - reference).norm() / reference.norm()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats; sampling timed at 10 steps, scaled to 50")
+    parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
+    parser.add_argument("--skip-bf16-cpu", action="store_true", help="skip the one-off CPU bf16 comparison")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(2)
+    bench = Bench(device, (lambda: autocast(device)) if device.type == "cuda" else contextlib.nullcontext, args.channels_last)
+    params = {
+        "params_unet": sum(p.numel() for p in bench.unet.parameters()),
+        "params_classifier": sum(p.numel() for p in bench.classifier.parameters()),
+    }
+    print(f"device {device} ({platform.processor() or platform.machine()}), threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"parameters: UNet {params['params_unet']:,}, classifier {params['params_classifier']:,}")
+    results = measure(bench, args.quick)
+    for name, value in results.items():
+        print(f"{name:>18}: {value:8.2f} images/s")
+    report: dict[str, object] = {**results, **params}
+    if device.type == "cpu" and not args.skip_bf16_cpu:
+        bf16 = bf16_cpu_check(bench)
+        print(
+            f"CPU bf16 autocast: train_diffusion {bf16['train_diffusion_bf16']:.2f} vs fp32 "
+            f"{bf16['train_diffusion_fp32']:.2f} images/s; eps relative error {bf16['eps_relative_error_bf16']:.2e}"
+        )
+        report["bf16_cpu"] = bf16
+    if device.type == "cuda":
+        report["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    report.update(peak_rss_mb=peak_rss_mb(), device=str(device), quick=args.quick, channels_last=args.channels_last)
+    print(f"peak RSS {report['peak_rss_mb']:.0f} MB")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
