@@ -11,6 +11,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import secrets
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -82,6 +83,37 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(target.parent)
+
+
+# Temporary names our writers use: atomic_write's ".<name>.<12 hex>.tmp<suffix>", save_checkpoint's
+# NamedTemporaryFile ".<name>.<8 chars>.tmp" and ensure_writable_dir's ".write-probe-<8 chars>".
+_STALE_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:[0-9a-f]{12}\.tmp(?:\.[^.]+)?|[a-z0-9_]{8}\.tmp)$|^\.write-probe-[a-z0-9_]{8}$")
+
+
+def remove_stale_temps(
+    directory: str | os.PathLike[str], *, recursive: bool = False, names: Sequence[str] | None = None
+) -> list[Path]:
+    """Delete temporary files a killed writer (SIGKILL, power loss) left in `directory`; return them.
+
+    Only files matching our own temporary-name patterns are touched, and with `names` only the
+    temporaries of those target file names, so a directory shared with a concurrently running
+    stage (models/) can be cleaned without removing the other stage's in-flight temp file.
+    Call it only where no other writer of the same targets can be running.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    candidates = root.rglob(".*") if recursive else root.glob(".*")
+    removed = []
+    for path in candidates:
+        match = _STALE_TEMP.match(path.name)
+        if not match or not path.is_file() or path.is_symlink():
+            continue
+        if names is not None and match.group("name") not in names:
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def _fsync_dir(directory: Path) -> None:

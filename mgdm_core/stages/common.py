@@ -16,7 +16,7 @@ from mgdm_core.config import Params
 from mgdm_core.data.loaders import to_model_tensor
 from mgdm_core.diffusion.schedule import Schedule, make_schedule
 from mgdm_core.errors import DataError
-from mgdm_core.io import write_json_atomic
+from mgdm_core.io import remove_stale_temps, write_json_atomic
 from mgdm_core.layout import Layout
 from mgdm_core.networks.classifier import ClassifierConfig, NoisyClassifier
 from mgdm_core.networks.unet import UNet, UNetConfig
@@ -164,6 +164,11 @@ def claim_output_dir(directory: Path, fingerprint: dict) -> bool:
     """
     marker = directory / FINGERPRINT
     if marker.is_file() and json.loads(marker.read_text()) == fingerprint:
+        # A SIGKILLed writer can leave a hidden temp file behind (never a half-written target);
+        # drop those so the directory's contents (and DVC's hash of it) match an uninterrupted run.
+        stale = remove_stale_temps(directory, recursive=True)
+        if stale:
+            log.info("%s: removed %d temporary file(s) left by an interrupted run", directory, len(stale))
         return True
     if directory.exists():
         log.info("%s holds outputs of other inputs: clearing it", directory)

@@ -17,6 +17,7 @@ from mgdm_core.plots import class_grid
 from mgdm_core.stages.common import diffusion_schedule, load_prepared, log, unet_config, write_metrics
 from mgdm_core.stages.training import TrainingRun, batch_sampler, final_loss, random_flip
 from mgdm_core.tracking import Tracker
+from mgdm_core.io import remove_stale_temps
 from mgdm_core.training.checkpoint import save_checkpoint
 
 READS = ("seed", "device", "diffusion", "train_diffusion")
@@ -68,6 +69,8 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
                             ema_decay=hp.ema_decay, device=device, seed=params.seed,
                             checkpoint_every=hp.checkpoint_every, log_every=hp.log_every)
     ema = result.ema_model.eval()
+    # models/ is shared with the other training stage: only our own file's stale temps.
+    remove_stale_temps(layout.diffusion_model.parent, names=[layout.diffusion_model.name])
     save_checkpoint(layout.diffusion_model, kind="unet", config=config.model_dump(mode="json"),
                     state={"model": ema.state_dict()})
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mgdm_core.io import atomic_write, ensure_writable_dir, write_json_atomic
+from mgdm_core.io import atomic_write, ensure_writable_dir, remove_stale_temps, write_json_atomic
 from mgdm_core.layout import Layout
 from mgdm_core.plots import curve
 from mgdm_core.stages.common import log
@@ -74,6 +74,8 @@ class TrainingRun:
 
     def train(self, model: torch.nn.Module, loss_fn, *, steps: int, log_every: int, **loop_args) -> TrainResult:
         ensure_writable_dir(self.checkpoint_dir)
+        # Temp files of a checkpoint write that was killed (this directory is this stage's own).
+        remove_stale_temps(self.checkpoint_dir)
         self._discard_stale(steps)
         curve_path = self.checkpoint_dir / CURVE
         points: dict[int, dict[str, float]] = (
