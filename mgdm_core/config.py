@@ -162,6 +162,21 @@ class EvaluateParams(Section):
         return value
 
 
+class QualityParams(Section):
+    """The quality report: fidelity, diversity, boundary and memorisation of the synthetic sets."""
+
+    feature_network: str = "simple_cnn"  # reference classifier trained on real data: its features
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 0
+    nn_percentile: float = Field(1.0, gt=0, lt=100)  # memorised: closer than this percentile of real test
+    pr_k: int = Field(3, ge=1)  # k of the k-NN manifolds for precision/recall
+    kid_subsets: int = Field(50, ge=2)
+    kid_subset_size: int = Field(100, ge=2)
+    max_pairs: int = Field(8, ge=1)  # nearest-neighbour pairs shown in the report
+
+
 class Params(Section):
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -172,6 +187,7 @@ class Params(Section):
     train_classifier: TrainClassifierParams = TrainClassifierParams()
     generate: GenerateParams = GenerateParams()
     disturb: DisturbParams = DisturbParams()
+    quality: QualityParams = QualityParams()
     evaluate: EvaluateParams = EvaluateParams()
 
     def with_overrides(self, overrides: dict[str, Any]) -> "Params":

@@ -11,7 +11,7 @@ def load_dvc(repo_root):
     return yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
 
 
-def test_dvc_yaml_has_the_six_stages_in_order(repo_root):
+def test_dvc_yaml_has_every_stage_in_order(repo_root):
     assert tuple(load_dvc(repo_root)) == STAGES
 
 
@@ -38,6 +38,7 @@ def test_outputs_are_layout_paths(repo_root, tmp_path):
         "train_classifier": [layout.classifier_dir, layout.classifier_model],
         "generate": [layout.stage1_dir],
         "disturb": [layout.stage2_dir],
+        "quality": [layout.reports_dir / "quality.md", layout.reports_dir / "quality_images.csv"],
         "evaluate": [layout.reports_dir / "evaluate.md"],
     }
     for name, paths in expected.items():

@@ -46,7 +46,7 @@ def project(repo_root, tmp_path_factory):
 def test_dvc_repro_runs_the_whole_chain_then_nothing_then_only_what_changed(project):
     root, env = project
     first = sh([sys.executable, "-m", "mgdm_core", "repro"], root, env)
-    assert stages_run(first) == ["prepare", "train_diffusion", "train_classifier", "generate", "disturb", "evaluate"]
+    assert stages_run(first) == ["prepare", "train_diffusion", "train_classifier", "generate", "disturb", "quality", "evaluate"]
     assert (root / "metrics" / "evaluate.json").is_file() and (root / "dvc.lock").is_file()
     metrics = sh(["dvc", "metrics", "show", "--json"], root, env)
     assert "evaluate.json" in metrics
@@ -58,7 +58,7 @@ def test_dvc_repro_runs_the_whole_chain_then_nothing_then_only_what_changed(proj
     params["disturb"]["scale"] = params["disturb"]["scale"] + 1.5
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = sh(["dvc", "repro"], root, env)
-    assert stages_run(third) == ["disturb", "evaluate"]
+    assert stages_run(third) == ["disturb", "quality", "evaluate"]
 
 
 def test_mgdm_repro_nests_every_stage_under_one_pipeline_run(project):
@@ -71,4 +71,4 @@ def test_mgdm_repro_nests_every_stage_under_one_pipeline_run(project):
     parents = [r for r in runs if r.data.tags.get("kind") == "pipeline"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = {r.data.tags["stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert children == {"prepare", "train_diffusion", "train_classifier", "generate", "disturb", "evaluate"}
+    assert children == {"prepare", "train_diffusion", "train_classifier", "generate", "disturb", "quality", "evaluate"}

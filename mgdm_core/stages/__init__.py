@@ -1,4 +1,4 @@
-"""The six pipeline stages. Every front door (CLI, dvc.yaml, Prefect) runs them through `run_stage`."""
+"""The pipeline stages. Every front door (CLI, dvc.yaml, Prefect) runs them through `run_stage`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from typing import Any
 from mgdm_core.config import Params
 from mgdm_core.layout import Layout
 
-STAGES: tuple[str, ...] = ("prepare", "train_diffusion", "train_classifier", "generate", "disturb", "evaluate")
+STAGES: tuple[str, ...] = (
+    "prepare", "train_diffusion", "train_classifier", "generate", "disturb", "quality", "evaluate",
+)
 
 
 def stage_module(name: str) -> ModuleType:
