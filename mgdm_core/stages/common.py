@@ -15,7 +15,7 @@ import torch
 from mgdm_core.config import Params
 from mgdm_core.data.loaders import to_model_tensor
 from mgdm_core.diffusion.schedule import Schedule, make_schedule
-from mgdm_core.errors import DataError
+from mgdm_core.errors import CheckpointError, DataError
 from mgdm_core.io import remove_stale_temps, write_json_atomic
 from mgdm_core.layout import Layout
 from mgdm_core.networks.classifier import ClassifierConfig, NoisyClassifier
@@ -111,18 +111,39 @@ def diffusion_schedule(params: Params) -> Schedule:
     return make_schedule(params.diffusion.schedule, params.diffusion.steps)
 
 
-def load_unet(path: Path, device: torch.device) -> UNet:
-    config, state = load_checkpoint(path, kind="unet", map_location=device)
-    model = UNet(UNetConfig(**config)).to(device)
-    model.load_state_dict(state["model"])
+def _check_fits(path: Path, kind: str, config: dict, data: "Prepared | None") -> None:
+    """A model trained on other data (image size, channels, classes) cannot run on this data: say so."""
+    if data is None:
+        return
+    expected = {"image_size": data.image_size, "in_channels": data.channels, "num_classes": data.num_classes}
+    differ = [f"{k}: checkpoint {config.get(k)!r} != prepared data {v!r}" for k, v in expected.items() if config.get(k) != v]
+    if differ:
+        raise CheckpointError(
+            f"checkpoint {path} holds a {kind} for other data ({'; '.join(differ)}); "
+            f"retrain it (`mgdm train_{'diffusion' if kind == 'unet' else 'classifier'}`)"
+        )
+
+
+def _load_model(path: Path, kind: str, build, config_cls, device: torch.device, data: "Prepared | None"):
+    config, state = load_checkpoint(path, kind=kind, map_location=device)
+    _check_fits(path, kind, config, data)
+    try:
+        model = build(config_cls(**config)).to(device)
+        model.load_state_dict(state["model"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:  # config and weights disagree
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path}: its {kind} config and weights do not match ({reason})") from None
     return model.eval().requires_grad_(False)
 
 
-def load_classifier(path: Path, device: torch.device) -> NoisyClassifier:
-    config, state = load_checkpoint(path, kind="classifier", map_location=device)
-    model = NoisyClassifier(ClassifierConfig(**config)).to(device)
-    model.load_state_dict(state["model"])
-    return model.eval().requires_grad_(False)
+def load_unet(path: Path, device: torch.device, data: "Prepared | None" = None) -> UNet:
+    """The EMA UNet at `path`; with `data`, refuse one trained for another image size, channels or classes."""
+    return _load_model(path, "unet", UNet, UNetConfig, device, data)
+
+
+def load_classifier(path: Path, device: torch.device, data: "Prepared | None" = None) -> NoisyClassifier:
+    """The classifier at `path`; with `data`, refuse one trained for another image size, channels or classes."""
+    return _load_model(path, "classifier", NoisyClassifier, ClassifierConfig, device, data)
 
 
 @torch.no_grad()

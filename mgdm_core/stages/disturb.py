@@ -60,8 +60,8 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     targets = target_labels(source_labels, d.class_map, data.num_classes)
 
     schedule = respace(diffusion_schedule(params), d.respacing)
-    unet = load_unet(layout.diffusion_model, device)
-    classifier = load_classifier(layout.classifier_model, device)
+    unet = load_unet(layout.diffusion_model, device, data)
+    classifier = load_classifier(layout.classifier_model, device, data)
     x0 = to_model_tensor(source_images).to(device)
     y_src = torch.as_tensor(source_labels, device=device)
     y_tgt = torch.as_tensor(targets, device=device)

@@ -87,8 +87,8 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     out = layout.stage1_dir
     # Load the models first: a missing or mismatched checkpoint is a one-line CheckpointError,
     # raised before the fingerprint reads them and before any output is touched.
-    unet = load_unet(layout.diffusion_model, device)
-    classifier = load_classifier(layout.classifier_model, device)
+    unet = load_unet(layout.diffusion_model, device, data)
+    classifier = load_classifier(layout.classifier_model, device, data)
     fingerprint = {"generate": g.model_dump(mode="json"), "seed": params.seed,
                    "diffusion": file_digest(layout.diffusion_model), "classifier": file_digest(layout.classifier_model)}
     resumed = claim_output_dir(out, fingerprint)
