@@ -22,7 +22,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture
 from prefect.states import State
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field
 
 import mgdm_core
@@ -35,9 +35,12 @@ from mgdm_core.stages import evaluate as evaluate_stage
 from mgdm_core.stages.common import dataset_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Threads, not processes: the units share the prepared arrays and torch releases the GIL.
-# `python -m flows.serve --max-workers N` (or this variable) sizes the pool for a bigger machine.
+# The flow's own pool runs the two trainings side by side (threads: torch releases the GIL).
+# The evaluation units fan out through the runner `PipelineOptions.task_runner` picks (processes by
+# default, see `grid_task_runner`). `python -m flows.serve --max-workers N` (or this variable)
+# sizes both for a bigger machine.
 MAX_WORKERS = int(os.environ.get("MGDM_PREFECT_MAX_WORKERS", "2"))
+GridRunner = Literal["processes", "dask", "threads"]
 # Stages before the evaluation grid, in dependency order; the two trainings only need `prepare`.
 _INDEPENDENT = ("train_diffusion", "train_classifier")
 
@@ -63,6 +66,11 @@ class PipelineOptions(BaseModel):
     extra_overrides: dict[str, Any] = Field(
         default_factory=dict, description='any other dotted params key, e.g. {"evaluate.epochs": 5}'
     )
+    task_runner: GridRunner = Field(
+        "processes", description="how the evaluation units run: processes (bit-reproducible), dask (a local Dask "
+        "cluster, or the scheduler at dask_address), threads (NOT bit-reproducible: torch's RNG is shared)")
+    dask_address: str | None = Field(None, description="an existing Dask scheduler, e.g. tcp://scheduler:8786 "
+                                     "(task_runner=dask); empty: a local cluster")
 
 
 # Form field -> dotted params key (the same keys `Params.with_overrides` and `dvc exp run -S` take).
@@ -109,7 +117,7 @@ def upstream_paths(stage: str, params: Params, layout: Layout) -> list[Path]:
         return prepared + models
     if stage == "disturb":
         return prepared + models + [layout.stage1_dir]
-    if stage == "evaluate":
+    if stage in ("quality", "evaluate"):
         return prepared + [layout.stage1_dir, layout.stage2_dir]
     raise KeyError(stage)
 
@@ -125,6 +133,8 @@ def output_paths(stage: str, params: Params, layout: Layout) -> list[Path]:
         return [layout.stage1_dir]
     if stage == "disturb":
         return [layout.stage2_measure_dir(m) for m in params.disturb.measures]
+    if stage == "quality":
+        return [layout.metrics_file("quality"), layout.reports_dir / "quality.md", layout.reports_dir / "quality_images.csv"]
     if stage == "evaluate":
         return [layout.metrics_file("evaluate"), layout.reports_dir / "evaluate.md"]
     raise KeyError(stage)
@@ -243,27 +253,69 @@ def _resolve_stage(future: PrefectFuture, stage: str, params: Params, layout: La
     return fresh, "ran (cache stale)"
 
 
-def _run_evaluate(params: Params, layout: Layout, parent_run_id: str, tags: dict[str, str]) -> dict[str, Any]:
+def grid_task_runner(kind: GridRunner = "processes", max_workers: int = MAX_WORKERS,
+                     dask_address: str | None = None) -> TaskRunner:
+    """The task runner for the evaluation units (a fresh instance per call: runners hold state).
+
+    `processes` and `dask` run each unit in a worker process with its own torch RNG, so a unit's
+    metrics do not depend on what runs beside it. `threads` shares torch's global RNG between the
+    units (weight init, dropout, augmentation): faster to start, NOT bit-reproducible.
+    """
+    if dask_address and kind != "dask":
+        raise ConfigError(f"dask_address is set but task_runner is '{kind}'; use task_runner: dask")
+    if kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=max_workers)
+    if kind == "processes":
+        return ProcessPoolTaskRunner(max_workers=max_workers)
+    if kind == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as exc:
+            raise ConfigError("task_runner 'dask' needs prefect-dask: pip install prefect-dask") from exc
+        if dask_address:
+            return DaskTaskRunner(address=dask_address)
+        # One single-threaded worker process per unit slot (Dask's nanny also sets OMP_NUM_THREADS=1).
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                              cluster_kwargs={"n_workers": max_workers, "threads_per_worker": 1, "processes": True})
+    raise ConfigError(f"unknown task_runner '{kind}' (expected processes, dask or threads)")
+
+
+@flow(name="mgdm-evaluate-grid", task_runner=ProcessPoolTaskRunner(max_workers=MAX_WORKERS), log_prints=False)
+def evaluate_grid(params: Params, layout: Layout, stage_run_id: str) -> dict[str, Any]:
+    """plan -> one task per (network, condition, seed) unit -> summarise, under the MLflow run
+    `stage_run_id`. A subflow so the grid gets its own task runner: `_run_evaluate` calls it as
+    `evaluate_grid.with_options(task_runner=grid_task_runner(...))`. Only run ids cross into the
+    workers (each unit attaches its own MLflow client)."""
+    units = plan_task(params, layout)
+    if not units:
+        raise ConfigError("evaluate: the grid is empty (check evaluate.networks, conditions and seeds)")
+    futures = [unit_task.submit(u, params, layout, stage_run_id) for u in units]
+    results = [f.result() for f in futures]
+    cached = sum(f.state.name == "Cached" for f in futures)
+    summary = summarise_task(results, params, layout, stage_run_id)
+    return {"summary": summary, "results": results, "cached_units": cached, "total_units": len(units)}
+
+
+def _run_evaluate(params: Params, layout: Layout, parent_run_id: str | None, tags: dict[str, str],
+                  runner: GridRunner = "processes", dask_address: str | None = None,
+                  max_workers: int = MAX_WORKERS) -> dict[str, Any]:
     """The evaluate stage's MLflow run (as run_stage opens it), with the grid fanned out as tasks."""
+    task_runner = grid_task_runner(runner, max_workers, dask_address)
     with tracking.stage_run(layout.root, "evaluate", reads(params, evaluate_stage.READS), parent_run_id=parent_run_id,
-                            tags={"dataset": dataset_name(params), **tags}) as tracker:
-        units = plan_task(params, layout)
-        if not units:
-            raise ConfigError("evaluate: the grid is empty (check evaluate.networks, conditions and seeds)")
-        futures = [unit_task.submit(u, params, layout, tracker.run_id) for u in units]
-        results = [f.result() for f in futures]
-        cached = sum(f.state.name == "Cached" for f in futures)
-        summary = summarise_task(results, params, layout, tracker.run_id)
-        tracker.set_tags({"prefect_cached_units": f"{cached}/{len(units)}"})
-    return {"stage": "evaluate", "mlflow_run_id": tracker.run_id, "summary": summary,
+                            tags={"dataset": dataset_name(params), "prefect_task_runner": runner, **tags}) as tracker:
+        grid = evaluate_grid.with_options(task_runner=task_runner)(params, layout, tracker.run_id)
+        results, cached = grid["results"], grid["cached_units"]
+        tracker.set_tags({"prefect_cached_units": f"{cached}/{grid['total_units']}"})
+    return {"stage": "evaluate", "mlflow_run_id": tracker.run_id, "summary": grid["summary"],
             "units": {r["network"] + " | " + r["condition"] + f" | seed {r['seed']}": r["run_id"] for r in results},
-            "cached_units": cached, "total_units": len(units)}
+            "cached_units": cached, "total_units": grid["total_units"]}
 
 
 @flow(name="mgdm-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS), log_prints=False)
 def mgdm_pipeline(options: PipelineOptions = PipelineOptions()) -> dict[str, Any]:
-    """prepare -> train_diffusion | train_classifier -> generate -> disturb -> evaluate (grid in parallel)."""
+    """prepare -> train_diffusion | train_classifier -> generate -> disturb -> quality -> evaluate (grid in parallel)."""
     params = resolve_params(options)  # a ConfigError fails the run at once, naming the key
+    grid_task_runner(options.task_runner, MAX_WORKERS, options.dask_address)  # fail now, not after training
     layout = Layout(Path(options.project_root).expanduser())
     flow_run_id = str(runtime.flow_run.id)
     tags = {"prefect_flow_run_id": flow_run_id}
@@ -284,7 +336,8 @@ def mgdm_pipeline(options: PipelineOptions = PipelineOptions()) -> dict[str, Any
         run(*_INDEPENDENT)
         run("generate")
         run("disturb")
-        evaluation = _run_evaluate(params, layout, parent.run_id, tags)
+        run("quality")
+        evaluation = _run_evaluate(params, layout, parent.run_id, tags, options.task_runner, options.dask_address)
         stages["evaluate"] = (evaluation, "ran" if evaluation["cached_units"] < evaluation["total_units"] else "cached")
     except BaseException:
         parent.finish("FAILED")
