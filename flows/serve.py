@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="local server address (default 127.0.0.1: this machine only)")
     parser.add_argument("--api-url", help="use this running server (e.g. http://host:4200/api) instead of starting one")
     parser.add_argument("--name", default=DEPLOYMENT, help="deployment name (default mgdm)")
-    parser.add_argument("--max-workers", type=int, default=None, help="concurrent evaluation units (thread pool size)")
+    parser.add_argument("--max-workers", type=int, default=None, help="concurrent evaluation units (worker count of the evaluation grid runner)")
     parser.add_argument("--limit", type=int, default=1,
                         help="concurrent flow runs (default 1: runs on one project root share its output files)")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for the server")
