@@ -56,8 +56,12 @@ def load_prepared(layout: Layout) -> Prepared:
     meta = json.loads(layout.classes_file.read_text())
     images, labels = {}, {}
     for split in SPLITS:
-        with np.load(layout.split_file(split)) as arrays:
-            images[split], labels[split] = arrays["images"], arrays["labels"]
+        path = layout.split_file(split)
+        try:
+            with np.load(path) as arrays:
+                images[split], labels[split] = arrays["images"], arrays["labels"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise DataError(f"{path}: prepared split unreadable ({exc}); rerun `mgdm prepare`") from None
     return Prepared(images, labels, tuple(meta["class_names"]), meta["dataset"], file_digest(layout.split_file("train")))
 
 
