@@ -177,11 +177,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
     parser.add_argument("--skip-bf16-cpu", action="store_true", help="skip the one-off CPU bf16 comparison")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2: the reference machine)")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
     if device.type == "cpu":
-        torch.set_num_threads(2)
+        torch.set_num_threads(args.threads)
     bench = Bench(device, (lambda: autocast(device)) if device.type == "cuda" else contextlib.nullcontext, args.channels_last)
     params = {
         "params_unet": sum(p.numel() for p in bench.unet.parameters()),
