@@ -177,6 +177,18 @@ class QualityParams(Section):
     max_pairs: int = Field(8, ge=1)  # nearest-neighbour pairs shown in the report
 
 
+class LauncherParams(Section):
+    """Where the multi-process stages (training, generate, disturb) run; never changes their results.
+
+    `local`: this process. `torchrun`: `nproc_per_node` processes on this machine (one per GPU,
+    DistributedDataParallel for training, images sharded for sampling); see docs/scaling.md.
+    No stage lists it in READS, so changing it does not make DVC or Prefect rerun anything.
+    """
+
+    kind: Literal["local", "torchrun"] = "local"
+    nproc_per_node: int = Field(1, ge=1, le=64)
+
+
 class Params(Section):
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -189,6 +201,7 @@ class Params(Section):
     disturb: DisturbParams = DisturbParams()
     quality: QualityParams = QualityParams()
     evaluate: EvaluateParams = EvaluateParams()
+    launcher: LauncherParams = LauncherParams()
 
     def with_overrides(self, overrides: dict[str, Any]) -> "Params":
         """A copy with dotted-key overrides applied (`{"disturb.scale": 2.0}`), validated again."""

@@ -158,3 +158,31 @@ def stage_run(
         tracker.finish("FAILED")
         raise
     tracker.finish("FINISHED")
+
+
+class NullTracker(Tracker):
+    """A tracker that logs nothing: the non-zero ranks of a torchrun stage (rank 0 logs the run)."""
+
+    def __init__(self) -> None:
+        super().__init__(client=None, experiment_id="", run_id="")  # type: ignore[arg-type]
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def child(self, name: str, tags: Mapping[str, Any]) -> "Tracker":
+        return NullTracker()
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mgdm_core import distributed
 from mgdm_core.config import Params
 from mgdm_core.data.loaders import from_model_tensor, to_model_tensor
 from mgdm_core.device import autocast, resolve_device
@@ -40,14 +41,15 @@ def target_labels(labels: np.ndarray, class_map: dict[int, int], num_classes: in
 
 def _batched(fn, x: torch.Tensor, y: torch.Tensor, batch_size: int, desc: str) -> torch.Tensor:
     out = []
-    for start in tqdm(range(0, len(x), batch_size), desc=desc, unit="batch"):
+    for start in tqdm(range(0, len(x), batch_size), desc=desc, unit="batch", disable=not distributed.is_main()):
         out.append(fn(x[start : start + batch_size], y[start : start + batch_size]))
     return torch.cat(out) if out else x
 
 
 def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     d = params.disturb
-    device = resolve_device(params.device)
+    device = distributed.local_device(resolve_device(params.device))
+    main = distributed.is_main()
     data = load_prepared(layout)
     stage1_manifest = layout.stage1_dir / "manifest.csv"
     if not stage1_manifest.is_file():
@@ -62,9 +64,11 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     schedule = respace(diffusion_schedule(params), d.respacing)
     unet = load_unet(layout.diffusion_model, device, data)
     classifier = load_classifier(layout.classifier_model, device, data)
-    x0 = to_model_tensor(source_images).to(device)
-    y_src = torch.as_tensor(source_labels, device=device)
-    y_tgt = torch.as_tensor(targets, device=device)
+    # This rank's images (all in one process): it inverts and decodes exactly these.
+    mine = np.array(distributed.shard(range(len(rows))), dtype=np.int64)
+    x0 = to_model_tensor(source_images[mine]).to(device)
+    y_src = torch.as_tensor(source_labels[mine], device=device)
+    y_tgt = torch.as_tensor(targets[mine], device=device)
 
     with autocast(device):
         latents = _batched(lambda x, y: ddim_invert(unet, x, schedule, y=y, refine=d.inversion_refine), x0, y_src, d.batch_size, "invert")
@@ -73,6 +77,8 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     roundtrip = (recon - x0).abs().flatten(1).mean(1).cpu().numpy()  # mean |error| on the [-1, 1] scale
     latent_mean = latents.flatten(1).mean(1).cpu().numpy()
     latent_std = latents.flatten(1).std(1).cpu().numpy()
+    # Per-image values of every rank, in manifest order (the identity in one process).
+    roundtrip, latent_mean, latent_std = (distributed.assemble(v, len(rows)) for v in (roundtrip, latent_mean, latent_std))
     _, src_conf, src_entropy = classifier_scores(classifier, source_images, device)
     _, real_conf, real_entropy = classifier_scores(classifier, data.images["train"], device)
 
@@ -90,9 +96,12 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
         fingerprint = {"disturb": d.model_dump(mode="json"), "measure": measure, "seed": params.seed,
                        "stage1": file_digest(stage1_manifest), "diffusion": file_digest(layout.diffusion_model),
                        "classifier": file_digest(layout.classifier_model)}
-        claim_output_dir(out, fingerprint)
+        if main:
+            claim_output_dir(out, fingerprint)
+        distributed.barrier()
         paths = [out / data.class_names[t] / Path(r["file"]).name for r, t in zip(rows, targets)]
-        todo = np.array([not p.exists() for p in paths])
+        # Positions in `mine` whose image is missing; only this rank writes them.
+        todo = np.array([not paths[k].exists() for k in mine], dtype=bool)
         if todo.any():
             guidance = classifier_guidance(classifier) if measure == "classifier" else uncertainty_guidance(classifier, measure)
             idx = torch.as_tensor(np.flatnonzero(todo), device=device)
@@ -102,7 +111,10 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
                     latents[idx], y_tgt[idx], d.batch_size, f"decode ({measure})",
                 )
             for k, image in zip(idx.tolist(), from_model_tensor(decoded.float().cpu())):
-                write_png(paths[k], image)
+                write_png(paths[mine[k]], image)
+        distributed.barrier()
+        if not main:  # rank 0 writes the manifest, plots and metrics
+            continue
         images = np.stack([read_image(p) for p in paths])
         probs, confidence, entropy = classifier_scores(classifier, images, device)
         write_manifest(out / "manifest.csv", [
@@ -126,6 +138,8 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
         tracker.log_artifact(out / "manifest.csv", f"stage2/{measure}")
         tracker.log_artifact(gallery, "samples")
 
+    if not main:
+        return {}
     hist = layout.plot_file("disturb_entropy.png")
     histograms(entropy_sets, hist, "classifier predictive entropy (t = 0)", "entropy (nats)")
     tracker.log_artifact(hist, "plots")

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mgdm_core import distributed
 from mgdm_core.config import Params
 from mgdm_core.data.loaders import from_model_tensor
 from mgdm_core.device import autocast, resolve_device
@@ -59,7 +60,8 @@ def sample_batches(
         guidance = classifier_guidance(classifier)
     steps = len(schedule.timesteps)
     batches = -(-len(jobs) // g.batch_size)
-    bar = tqdm(total=batches * steps, desc=f"generate ({len(jobs)} images)", unit="step")
+    bar = tqdm(total=batches * steps, desc=f"generate ({len(jobs)} images)", unit="step",
+               disable=not distributed.is_main())
     for start in range(0, len(jobs), g.batch_size):
         batch = jobs[start : start + g.batch_size]
         seeds = [j.seed for j in batch]
@@ -81,7 +83,7 @@ def sample_batches(
 
 def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     g = params.generate
-    device = resolve_device(params.device)
+    device = distributed.local_device(resolve_device(params.device))
     data = load_prepared(layout)
     counts = counts_per_class(params, data.labels["train"], data.num_classes)
     out = layout.stage1_dir
@@ -91,20 +93,27 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     classifier = load_classifier(layout.classifier_model, device, data)
     fingerprint = {"generate": g.model_dump(mode="json"), "seed": params.seed,
                    "diffusion": file_digest(layout.diffusion_model), "classifier": file_digest(layout.classifier_model)}
-    resumed = claim_output_dir(out, fingerprint)
+    # Under torchrun rank 0 claims (or clears) the directory before any rank looks into it.
+    resumed = claim_output_dir(out, fingerprint) if distributed.is_main() else True
+    distributed.barrier()
 
     jobs = [
         Job(out / name / f"{name}_{i:05d}.png", label, seed_for(params.seed, label, i))
         for label, (name, n) in enumerate(zip(data.class_names, counts))
         for i in range(n)
     ]
-    todo = [j for j in jobs if not j.path.exists()]
-    if resumed and len(todo) < len(jobs):
-        log.info("generate: resuming, %d of %d images already written", len(jobs) - len(todo), len(jobs))
+    # This rank's images (all of them in one process); only their owner writes them.
+    mine = distributed.shard(jobs)
+    todo = [j for j in mine if not j.path.exists()]
+    if resumed and len(todo) < len(mine):
+        log.info("generate: resuming, %d of %d images already written", len(mine) - len(todo), len(mine))
     shape = (data.channels, data.image_size, data.image_size)
     for batch, images in sample_batches(unet, classifier, todo, params, device, data.num_classes, shape):
         for job, image in zip(batch, images):
             write_png(job.path, image)
+    distributed.barrier()
+    if not distributed.is_main():  # rank 0 writes the manifest, plots and metrics
+        return {}
 
     images = np.stack([read_image(j.path) for j in jobs]) if jobs else np.zeros((0, *shape[1:], shape[0]), np.uint8)
     labels = np.array([j.label for j in jobs], dtype=np.int64)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 
+from mgdm_core import distributed
 from mgdm_core.config import Params
 from mgdm_core.data.loaders import to_model_tensor
 from mgdm_core.device import resolve_device
@@ -46,7 +47,8 @@ def accuracy_by_noise_level(
 
 def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     hp = params.train_classifier
-    device = resolve_device(params.device)
+    device = distributed.local_device(resolve_device(params.device))
+    distributed.check_divisible(hp.batch_size, "train_classifier.batch_size")
     data = load_prepared(layout)
     config = classifier_config(params, data.image_size, data.channels, data.num_classes)
     schedule = diffusion_schedule(params)
@@ -60,6 +62,8 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     timesteps = torch.tensor(schedule.timesteps, device=device)
 
     def loss_fn(net: torch.nn.Module, step: int, gen: torch.Generator) -> torch.Tensor:
+        # Every draw is of the global batch (identical on every rank); under torchrun each rank
+        # then keeps its slice, so the averaged gradient is the one-process gradient.
         idx = sample_batch(gen).to(device)
         x0 = x_all[idx]
         if hp.random_flip:
@@ -69,7 +73,8 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
             x_t = q_sample(schedule, x0, t, torch.randn(x0.shape, generator=gen).to(device))
         else:
             t, x_t = torch.zeros(len(idx), dtype=torch.long, device=device), x0
-        return F.cross_entropy(net(x_t, timesteps[t]), y_all[idx])
+        x_t, t, y = (distributed.rank_slice(v) for v in (x_t, t, y_all[idx]))
+        return F.cross_entropy(net(x_t, timesteps[t]), y)
 
     training = TrainingRun(
         stage="train_classifier",
@@ -86,6 +91,8 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
                             ema_decay=hp.ema_decay, device=device, seed=params.seed + 1,
                             checkpoint_every=hp.checkpoint_every, log_every=hp.log_every)
     ema = result.ema_model.eval()
+    if not distributed.is_main():  # rank 0 saves, evaluates and logs
+        return {}
     # models/ is shared with the other training stage: only our own file's stale temps.
     remove_stale_temps(layout.classifier_model.parent, names=[layout.classifier_model.name])
     save_checkpoint(layout.classifier_model, kind="classifier", config=config.model_dump(mode="json"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mgdm_core import distributed
 from mgdm_core.config import Params
 from mgdm_core.data.loaders import to_model_tensor
 from mgdm_core.device import resolve_device
@@ -25,7 +26,8 @@ READS = ("seed", "device", "diffusion", "train_diffusion")
 
 def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     hp = params.train_diffusion
-    device = resolve_device(params.device)
+    device = distributed.local_device(resolve_device(params.device))
+    distributed.check_divisible(hp.batch_size, "train_diffusion.batch_size")
     data = load_prepared(layout)
     config = unet_config(params, data.image_size, data.channels, data.num_classes)
     schedule = diffusion_schedule(params)
@@ -41,6 +43,8 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     null_class = data.num_classes
 
     def loss_fn(net: torch.nn.Module, step: int, gen: torch.Generator) -> torch.Tensor:
+        # Every draw is of the global batch (identical on every rank); under torchrun each rank
+        # then keeps its slice, so the averaged gradient is the one-process gradient.
         idx = sample_batch(gen).to(device)
         x0 = x_all[idx]
         if hp.random_flip:
@@ -52,6 +56,7 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
         # batch and kept it on while sampling).
         drop = (torch.rand(b, generator=gen) < hp.p_uncond).to(device)
         y = torch.where(drop, torch.full_like(y_all[idx], null_class), y_all[idx])
+        x0, t, y, noise = (distributed.rank_slice(v) for v in (x0, t, y, noise))
         loss, _ = hybrid_loss(net, schedule, x0, t, y, noise)
         return loss.mean()
 
@@ -69,6 +74,8 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
                             ema_decay=hp.ema_decay, device=device, seed=params.seed,
                             checkpoint_every=hp.checkpoint_every, log_every=hp.log_every)
     ema = result.ema_model.eval()
+    if not distributed.is_main():  # rank 0 saves, samples, plots and logs
+        return {}
     # models/ is shared with the other training stage: only our own file's stale temps.
     remove_stale_temps(layout.diffusion_model.parent, names=[layout.diffusion_model.name])
     save_checkpoint(layout.diffusion_model, kind="unet", config=config.model_dump(mode="json"),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from mgdm_core import distributed
 from mgdm_core.io import atomic_write, ensure_writable_dir, remove_stale_temps, write_json_atomic
 from mgdm_core.layout import Layout
 from mgdm_core.plots import curve
@@ -73,10 +74,15 @@ class TrainingRun:
             (self.checkpoint_dir / CURVE).unlink(missing_ok=True)
 
     def train(self, model: torch.nn.Module, loss_fn, *, steps: int, log_every: int, **loop_args) -> TrainResult:
-        ensure_writable_dir(self.checkpoint_dir)
-        # Temp files of a checkpoint write that was killed (this directory is this stage's own).
-        remove_stale_temps(self.checkpoint_dir)
-        self._discard_stale(steps)
+        """Train (resuming when possible). Under torchrun, rank 0 alone touches the checkpoint
+        directory, the curve and the plots; the other ranks wait for its clean-up, then train."""
+        main = distributed.is_main()
+        if main:
+            ensure_writable_dir(self.checkpoint_dir)
+            # Temp files of a checkpoint write that was killed (this directory is this stage's own).
+            remove_stale_temps(self.checkpoint_dir)
+            self._discard_stale(steps)
+        distributed.barrier()
         curve_path = self.checkpoint_dir / CURVE
         points: dict[int, dict[str, float]] = (
             {int(k): v for k, v in json.loads(curve_path.read_text()).items()} if curve_path.exists() else {}
@@ -91,9 +97,10 @@ class TrainingRun:
             model=model, loss_fn=loss_fn, steps=steps, checkpoint_path=self.checkpoint_path,
             config=self.config, kind=self.kind, on_log=on_log, log_every=log_every, **loop_args,
         )
-        if result.resumed_from_step:
-            self.tracker.set_tags({"resumed_from_step": result.resumed_from_step})
-        self._write_curve(points)
+        if main:
+            if result.resumed_from_step:
+                self.tracker.set_tags({"resumed_from_step": result.resumed_from_step})
+            self._write_curve(points)
         return result
 
     def _write_curve(self, points: dict[int, dict[str, float]]) -> None:

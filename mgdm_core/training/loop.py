@@ -23,6 +23,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import WeightedRandomSampler
 from tqdm.auto import tqdm
 
+from mgdm_core import distributed
 from mgdm_core.device import autocast
 from mgdm_core.errors import CheckpointError, ConfigError, NumericalError
 from mgdm_core.training.checkpoint import load_checkpoint, save_checkpoint
@@ -111,6 +112,12 @@ def train_loop(
     checkpoint is written only after all losses before it were checked finite, so a non-finite loss
     raises NumericalError (naming its step) with the last good checkpoint intact on disk.
     Returns both networks in eval mode.
+
+    Under torchrun (an initialised process group) `loss_fn` receives the DistributedDataParallel
+    wrapper; it must draw the same global batch on every rank and compute its loss on
+    `distributed.rank_slice` of it. Logged losses are the mean over ranks; only rank 0 writes
+    checkpoints, shows the progress bar and calls `on_log`. Every rank seeds the global RNG
+    (dropout) with the same per-step seed.
     """
     for name, value in (("checkpoint_every", checkpoint_every), ("log_every", log_every)):
         if value <= 0:
@@ -140,7 +147,12 @@ def train_loop(
         start = last_checkpoint_step = int(state["step"])
         logger.info("%s: resumed from step %d (%s)", kind, start, checkpoint_path)
 
+    net = distributed.wrap_model(model, device)  # the model itself in one process
+    main = distributed.is_main()
+
     def write_checkpoint(completed: int) -> None:
+        if not main:
+            return
         state = {
             "model": model.state_dict(),
             "ema": ema.state_dict(),
@@ -153,14 +165,14 @@ def train_loop(
     losses: list[float] = []
     pending: list[Tensor] = []  # detached per-step losses not yet copied to the host
     logged_until = 0  # index into `losses` of the first loss not yet reported by on_log
-    bar = tqdm(total=steps, initial=min(start, steps), desc=kind, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=min(start, steps), desc=kind, disable=not (progress and main), dynamic_ncols=True)
     try:
         for step in range(start, steps):
             seed_of_step = step_seed(seed, step)
             torch.manual_seed(seed_of_step)
             generator = torch.Generator().manual_seed(seed_of_step)
             with autocast(device):
-                loss = loss_fn(model, step, generator)
+                loss = loss_fn(net, step, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:
@@ -175,7 +187,8 @@ def train_loop(
             is_checkpoint = completed % checkpoint_every == 0 or completed == steps
             if not (is_log or is_checkpoint):
                 continue
-            window = torch.stack(pending).float().cpu()  # the one host sync per window
+            # The one host sync (and, under DDP, the one loss all-reduce) per window.
+            window = distributed.reduce_mean(torch.stack(pending).float()).cpu()
             pending.clear()
             finite = torch.isfinite(window)
             if not bool(finite.all()):
@@ -195,7 +208,7 @@ def train_loop(
                 mean_loss = math.fsum(losses[logged_until:]) / len(losses[logged_until:])
                 logged_until = len(losses)
                 bar.set_postfix(loss=f"{mean_loss:.4g}")
-                if on_log is not None:
+                if on_log is not None and main:
                     on_log(completed, {"loss": mean_loss})
             if is_checkpoint:
                 write_checkpoint(completed)
