@@ -166,7 +166,7 @@ class QualityParams(Section):
     """The quality report: fidelity, diversity, boundary and memorisation of the synthetic sets."""
 
     feature_network: str = "simple_cnn"  # reference classifier trained on real data: its features
-    epochs: int = Field(5, ge=1)
+    epochs: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     seed: int = 0
