@@ -111,6 +111,12 @@ def build(root: Path, name: str, profile: str | None, out_dir: Path) -> str:
             f"| {measure} | {disturb[f'{measure}_mean_entropy']:.3f} | {disturb[f'{measure}_entropy_increase']:+.3f} | "
             f"{disturb[f'{measure}_entropy_increased_rate']:.1%} | {disturb[f'{measure}_target_class_rate']:.1%} |"
         )
+    quality = root / "reports" / "quality.md"
+    if quality.is_file():
+        # The quality stage's report, with its picture links pointing at the copies beside it.
+        (images / "quality.md").write_text(quality.read_text().replace("../plots/", ""))
+        lines += ["", f"Fidelity, diversity, boundary and memorisation of each set: [quality report]({name}/quality.md) "
+                  "(reference classifier trained on the real training set, its own features)."]
     lines += ["", "## Pictures", ""]
     for picture in pictures:
         lines += [f"![{picture.stem}]({name}/{picture.name})", ""]
