@@ -30,7 +30,7 @@ from mgdm_core import tracking
 from mgdm_core.config import Measure, Params, load_params
 from mgdm_core.errors import ConfigError, MgdmError
 from mgdm_core.layout import Layout
-from mgdm_core.stages import STAGES, reads, run_stage, stage_module
+from mgdm_core.stages import reads, run_stage, stage_module
 from mgdm_core.stages import evaluate as evaluate_stage
 from mgdm_core.stages.common import dataset_name
 

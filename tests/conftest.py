@@ -17,3 +17,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+def copy_repository(repo_root: Path, dest: Path) -> dict[str, str]:
+    """A temporary DVC project from the repository's tracked files (no outputs, no dvc.lock),
+    git-initialised, with params.yaml merged with the smoke profile. Returns the environment
+    for running `dvc` and `mgdm` in it."""
+    import shutil
+    import subprocess
+    import sys
+
+    files = subprocess.run(["git", "ls-files"], cwd=repo_root, capture_output=True, text=True, check=True).stdout
+    for name in files.splitlines():
+        source = repo_root / name
+        if source.is_file() and name != "dvc.lock":
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DO_NOT_TRACK": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "mgdm_core", "profile", "smoke"]):
+        subprocess.run(command, cwd=dest, env=env, check=True, capture_output=True)
+    return env

@@ -1,16 +1,15 @@
 """`dvc repro` end to end on the smoke profile, in a temporary copy of the repository:
 the chain runs, a second repro does nothing, and a changed `disturb` parameter reruns exactly
-`disturb` and `evaluate`."""
+`disturb`, `quality` and `evaluate`."""
 
-import os
 import re
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
+
+from conftest import copy_repository
 
 pytestmark = pytest.mark.slow
 
@@ -28,19 +27,7 @@ def stages_run(output: str) -> list[str]:
 @pytest.fixture(scope="module")
 def project(repo_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files"], cwd=repo_root, capture_output=True, text=True, check=True).stdout
-    for name in files.splitlines():
-        source = repo_root / name
-        if source.is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, root / name)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DO_NOT_TRACK": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    for stale in ("dvc.lock",):
-        (root / stale).unlink(missing_ok=True)
-    sh(["git", "init", "-q"], root, env)
-    sh([sys.executable, "-m", "mgdm_core", "profile", "smoke"], root, env)
-    return root, env
+    return root, copy_repository(repo_root, root)
 
 
 def test_dvc_repro_runs_the_whole_chain_then_nothing_then_only_what_changed(project):

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import copy_repository
+
 pytestmark = pytest.mark.slow
 
 BEFORE_EVALUATE = ("prepare", "train_diffusion", "train_classifier", "generate", "disturb")
@@ -256,17 +258,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 def test_dvc_push_then_pull_restores_outputs_from_a_remote(repo_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files"], cwd=repo_root, capture_output=True, text=True, check=True).stdout
-    for name in files.splitlines():
-        source = repo_root / name
-        if source.is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, root / name)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DO_NOT_TRACK": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    (root / "dvc.lock").unlink(missing_ok=True)
-    _sh(["git", "init", "-q"], root, env)
-    _sh([sys.executable, "-m", "mgdm_core", "profile", "smoke"], root, env)
+    env = copy_repository(repo_root, root)
     _sh(["dvc", "repro", "prepare"], root, env)
     prepared = root / "data" / "prepared"
     before = _tree(prepared)
