@@ -57,7 +57,7 @@ def _verdict(diff: dict | None) -> str:
     return "no difference detected"
 
 
-def build(root: Path, name: str, profile: str | None, out_dir: Path) -> str:
+def build(root: Path, name: str, profile: str | None, out_dir: Path, notes: list[str] = ()) -> str:
     evaluate = json.loads((root / "metrics" / "evaluate.json").read_text())
     disturb = json.loads((root / "metrics" / "disturb.json").read_text())
     generate = json.loads((root / "metrics" / "generate.json").read_text())
@@ -98,6 +98,8 @@ def build(root: Path, name: str, profile: str | None, out_dir: Path) -> str:
     anchor = ANCHORS.get(evaluate["dataset"])
     if anchor:
         lines.append(f"| {anchor['network']} | *{anchor['label']}* | {anchor['auc']:.3f} | {anchor['accuracy']:.3f} | | | | published anchor | |")
+    if notes:
+        lines += ["", "## Notes on this run", "", *[f"- {note}" for note in notes]]
     lines += ["", "## What stage 2 did", "",
               f"Stage 1 wrote {int(generate['images'])} images; the classifier's mean predictive entropy on them was "
               f"{disturb['stage1_mean_entropy']:.3f} nats. DDIM inversion round trip: mean |error| "
@@ -128,11 +130,12 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("."), help="the project root of the finished run")
     parser.add_argument("--name", required=True, help="report name: docs/results/<name>.md")
     parser.add_argument("--profile", default=None, help="the profile that reproduces the run")
+    parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report = args.out / f"{args.name}.md"
-    report.write_text(build(args.root.resolve(), args.name, args.profile, args.out))
+    report.write_text(build(args.root.resolve(), args.name, args.profile, args.out, args.note))
     print(f"wrote {report}")
 
 
