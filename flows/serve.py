@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         api_url = f"http://{args.host}:{args.port}/api"
         server = start_server(args.host, args.port, env, Path(env["PREFECT_HOME"]) / "server.log")
+        # Where whoever stops us can find the server, should we be killed before we stop it.
+        (Path(env["PREFECT_HOME"]) / "server.pid").write_text(str(server.pid))
         print(f"Prefect server starting (log: {Path(env['PREFECT_HOME']) / 'server.log'}) ...", flush=True)
     try:
         if server is not None:

@@ -272,10 +272,17 @@ def test_served_deployment_runs_and_caches(project: Path, repo_root: Path, tmp_p
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C: flows.serve stops the runner and its server
             try:
-                serve.wait(40)
+                serve.wait(90)
             except subprocess.TimeoutExpired:
                 os.killpg(serve.pid, signal.SIGKILL)
                 serve.wait()
+        # If flows.serve was killed before it stopped its server, stop the server here.
+        pid_file = home / "server.pid"
+        if pid_file.is_file():
+            try:
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         log.close()
 
 
