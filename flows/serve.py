@@ -43,11 +43,12 @@ def start_server(host: str, port: int, env: dict[str, str], log_file: Path | Non
 
 
 def wait_healthy(api_url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
-    """Poll `<api>/health`; a cold start (database migrations) can take about a minute."""
+    """Poll `<url>/health` (Prefect's API, MLflow's server); a cold start (database migrations)
+    can take about a minute."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the Prefect server exited with status {process.returncode} before answering")
+            raise RuntimeError(f"the server exited with status {process.returncode} before answering")
         try:
             with urllib.request.urlopen(f"{api_url}/health", timeout=5) as response:
                 if response.status == 200:

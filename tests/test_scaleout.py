@@ -15,13 +15,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from conftest import copy_repository
+from flows.serve import wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -65,17 +64,10 @@ def mlflow_server(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+        try:
+            wait_healthy(uri, 120, proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"mlflow server did not start ({exc}):\n{(home / 'server.log').read_text()[-3000:]}") from None
         yield uri, home
     finally:
         _stop(proc)
