@@ -305,3 +305,41 @@ class EmbedSequential(nn.ModuleList):
             else:
                 x = layer(x)
         return x
+
+
+def build_encoder(
+    *,
+    in_channels: int,
+    width: int,
+    channel_mult: tuple[int, ...],
+    blocks_per_level: int,
+    sizes: list[int],
+    attention_resolutions: tuple[int, ...],
+    resblock_updown: bool,
+    res_block,
+    attention,
+) -> tuple[nn.ModuleList, list[int], int]:
+    """The down-sampling half shared by the UNet and the noise-aware classifier (guided-diffusion's
+    input blocks): a stem conv, then per level `blocks_per_level` residual blocks (with attention at
+    the listed feature-map sizes) and a down-sampling block between levels.
+
+    Returns the blocks, the channels after each block (the UNet's skip connections) and the final
+    channel count. `res_block(cin, cout, down=...)` and `attention(c)` build the parts.
+    """
+    channels = width * channel_mult[0]
+    blocks = nn.ModuleList([EmbedSequential([nn.Conv2d(in_channels, channels, 3, padding=1)])])
+    skip_channels = [channels]
+    last_level = len(channel_mult) - 1
+    for level, mult in enumerate(channel_mult):
+        for _ in range(blocks_per_level):
+            layers: list[nn.Module] = [res_block(channels, width * mult)]
+            channels = width * mult
+            if sizes[level] in attention_resolutions:
+                layers.append(attention(channels))
+            blocks.append(EmbedSequential(layers))
+            skip_channels.append(channels)
+        if level != last_level:
+            down = res_block(channels, channels, down=True) if resblock_updown else Downsample(channels, True)
+            blocks.append(EmbedSequential([down]))
+            skip_channels.append(channels)
+    return blocks, skip_channels, channels

@@ -14,9 +14,9 @@ from torch import Tensor, nn
 
 from mgdm_core.errors import ConfigError
 from mgdm_core.networks.blocks import (
+    build_encoder,
     AttentionBlock,
     AttentionPool2d,
-    Downsample,
     EmbedSequential,
     ResBlock,
     check_layout,
@@ -93,19 +93,11 @@ class NoisyClassifier(nn.Module):
             return AttentionBlock(channels, heads_for(channels, _CLASSIFIER_NUM_HEADS, config.num_head_channels))
 
         sizes = level_sizes(config.image_size, len(config.channel_mult))
-        channels = width * config.channel_mult[0]
-        self.input_blocks = nn.ModuleList([EmbedSequential([nn.Conv2d(config.in_channels, channels, 3, padding=1)])])
-        last_level = len(config.channel_mult) - 1
-        for level, mult in enumerate(config.channel_mult):
-            for _ in range(config.depth):
-                layers: list[nn.Module] = [res_block(channels, width * mult)]
-                channels = width * mult
-                if sizes[level] in config.attention_resolutions:
-                    layers.append(attention(channels))
-                self.input_blocks.append(EmbedSequential(layers))
-            if level != last_level:
-                down = res_block(channels, channels, down=True) if config.resblock_updown else Downsample(channels, True)
-                self.input_blocks.append(EmbedSequential([down]))
+        self.input_blocks, _, channels = build_encoder(
+            in_channels=config.in_channels, width=width, channel_mult=config.channel_mult,
+            blocks_per_level=config.depth, sizes=sizes, attention_resolutions=config.attention_resolutions,
+            resblock_updown=config.resblock_updown, res_block=res_block, attention=attention,
+        )
         self.middle_block = EmbedSequential([res_block(channels, channels), attention(channels), res_block(channels, channels)])
 
         self.out_norm_act = nn.Sequential(group_norm(channels), nn.SiLU())

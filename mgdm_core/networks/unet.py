@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from mgdm_core.errors import ConfigError
 from mgdm_core.networks.blocks import (
+    build_encoder,
     AttentionBlock,
-    Downsample,
     EmbedSequential,
     ResBlock,
     Upsample,
@@ -151,23 +151,12 @@ class UNet(nn.Module):
         def attention(channels: int) -> AttentionBlock:
             return AttentionBlock(channels, heads_for(channels, config.num_heads, config.num_head_channels))
 
-        channels = width * config.channel_mult[0]
         sizes = level_sizes(config.image_size, len(config.channel_mult))
-        self.input_blocks = nn.ModuleList([EmbedSequential([nn.Conv2d(config.in_channels, channels, 3, padding=1)])])
-        skip_channels = [channels]
-        last_level = len(config.channel_mult) - 1
-        for level, mult in enumerate(config.channel_mult):
-            for _ in range(config.num_res_blocks):
-                layers: list[nn.Module] = [res_block(channels, width * mult)]
-                channels = width * mult
-                if sizes[level] in config.attention_resolutions:
-                    layers.append(attention(channels))
-                self.input_blocks.append(EmbedSequential(layers))
-                skip_channels.append(channels)
-            if level != last_level:
-                down = res_block(channels, channels, down=True) if config.resblock_updown else Downsample(channels, True)
-                self.input_blocks.append(EmbedSequential([down]))
-                skip_channels.append(channels)
+        self.input_blocks, skip_channels, channels = build_encoder(
+            in_channels=config.in_channels, width=width, channel_mult=config.channel_mult,
+            blocks_per_level=config.num_res_blocks, sizes=sizes, attention_resolutions=config.attention_resolutions,
+            resblock_updown=config.resblock_updown, res_block=res_block, attention=attention,
+        )
 
         self.middle_block = EmbedSequential([res_block(channels, channels), attention(channels), res_block(channels, channels)])
 
