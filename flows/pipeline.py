@@ -30,7 +30,8 @@ from mgdm_core import tracking
 from mgdm_core.config import Measure, Params, load_params
 from mgdm_core.errors import ConfigError, MgdmError
 from mgdm_core.layout import Layout
-from mgdm_core.stages import reads, run_stage, stage_module
+from mgdm_core.launch import run_stage
+from mgdm_core.stages import reads, stage_module
 from mgdm_core.stages import evaluate as evaluate_stage
 from mgdm_core.stages.common import dataset_name
 
@@ -117,7 +118,9 @@ def upstream_paths(stage: str, params: Params, layout: Layout) -> list[Path]:
         return prepared + models
     if stage == "disturb":
         return prepared + models + [layout.stage1_dir]
-    if stage in ("quality", "evaluate"):
+    if stage == "quality":  # diffusion.pt stands for the EMA snapshots beside it (see dvc.yaml)
+        return prepared + [layout.diffusion_model, layout.stage1_dir, layout.stage2_dir]
+    if stage == "evaluate":
         return prepared + [layout.stage1_dir, layout.stage2_dir]
     raise KeyError(stage)
 

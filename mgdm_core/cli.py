@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run_stage(args: argparse.Namespace) -> int:
     from mgdm_core.config import load_params
     from mgdm_core.layout import Layout
-    from mgdm_core.stages import run_stage
+    from mgdm_core.launch import run_stage
 
     from mgdm_core.io import ensure_writable_dir
 

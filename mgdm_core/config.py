@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mgdm_core.errors import ConfigError
 
 Measure = Literal["entropy", "margin", "least_confidence", "classifier"]
 MEASURES: tuple[str, ...] = ("entropy", "margin", "least_confidence", "classifier")
+
+
+def _auto_is_none(value: Any) -> Any:
+    return None if value == "auto" else value
+
+
+# A network size that `auto` (or null) leaves to the per-image-size preset (mgdm_core/networks/presets.py).
+T = TypeVar("T")
+Auto = Annotated[T | None, BeforeValidator(_auto_is_none)]
 
 
 class Section(BaseModel):
@@ -54,10 +63,12 @@ class DiffusionParams(Section):
     schedule: Literal["linear", "cosine"] = "linear"
     steps: int = Field(1000, ge=10, le=10000)
     learn_sigma: bool = True
-    width: int = Field(64, ge=8)
-    channel_mult: tuple[int, ...] = (1, 2, 2)
+    # width, channel_mult, attention_resolutions: `auto` (or null) takes the preset for data.image_size
+    # (networks/presets.py: 28/32 px 64 x (1,2,2), 64 px 96 x (1,2,3,4), 128 px 128 x (1,1,2,3,4)).
+    width: Auto[int] = Field(None, ge=8)
+    channel_mult: Auto[tuple[int, ...]] = None
     num_res_blocks: int = Field(2, ge=1)
-    attention_resolutions: tuple[int, ...] = (14, 7)  # feature-map sizes in pixels
+    attention_resolutions: Auto[tuple[int, ...]] = None  # feature-map sizes in pixels
     num_heads: int = Field(4, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     scale_shift_norm: bool = True
@@ -69,7 +80,10 @@ class TrainDiffusionParams(Section):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_decay: float = Field(0.999, ge=0, lt=1)  # reached after a warm-up: min(decay, (1+n)/(10+n))
+    # Weight of the eps-MSE per timestep: sqrt_one_minus_alpha_bar = 1/sqrt(1+SNR) (the original
+    # release's), uniform (DDPM's L_simple) or min_snr (Min-SNR-5, Hang et al. 2023).
+    mse_weighting: Literal["sqrt_one_minus_alpha_bar", "uniform", "min_snr"] = "sqrt_one_minus_alpha_bar"
     p_uncond: float = Field(0.1, ge=0, le=1)  # per-sample null-class dropout, for CFG
     balanced: bool = True  # class-balanced sampling (the original's imbalanced-sampler flag)
     random_flip: bool = True
@@ -80,10 +94,10 @@ class TrainDiffusionParams(Section):
 class ClassifierParams(Section):
     """The noise-aware classifier p(y | x_t, t) used for guidance."""
 
-    width: int = Field(32, ge=8)
+    width: Auto[int] = Field(None, ge=8)  # width, channel_mult, attention_resolutions: `auto`/null = preset for the image size
     depth: int = Field(2, ge=1)
-    channel_mult: tuple[int, ...] = (1, 2, 2)
-    attention_resolutions: tuple[int, ...] = (14, 7)
+    channel_mult: Auto[tuple[int, ...]] = None
+    attention_resolutions: Auto[tuple[int, ...]] = None
     head_channels: int = Field(64, ge=8)
     pool: Literal["attention", "mean"] = "attention"
 
@@ -112,8 +126,9 @@ class GenerateParams(Section):
     sampler: Literal["ddim", "ddpm"] = "ddim"
     respacing: str = "ddim50"
     eta: float = Field(0.0, ge=0, le=1)
-    mode: Literal["counts", "balance"] = "counts"
-    counts: tuple[int, ...] = (64, 64)  # images per class (mode: counts)
+    # balance: fill every class up to the largest (any number of classes); counts: `counts[k]` of class k
+    mode: Literal["balance", "counts"] = "balance"
+    counts: tuple[int, ...] = (64, 64)  # images per class (mode: counts; one number per class)
     batch_size: int = Field(64, ge=1)
 
 
@@ -126,6 +141,9 @@ class DisturbParams(Section):
     # Fixed-point iterations per inversion step (1 + refine model calls): 0 is plain DDIM inversion
     # (round-trip error first-order in the step size), 1-2 solve the implicit step almost exactly.
     inversion_refine: int = Field(1, ge=0, le=10)
+    # Decode with the unclipped DDIM step that the inversion inverts and clamp only the final image
+    # (exact round trip); true clips x0_hat at every step as the original release does.
+    clip_denoised: bool = False
     class_map: dict[int, int] = Field(default_factory=dict)  # source class -> target class
     batch_size: int = Field(64, ge=1)
 
@@ -139,6 +157,8 @@ class EvaluateParams(Section):
     # real, real+classic, real+stage1, real+stage2 (every measure run) or real+stage2:<measure>, synthetic
     conditions: tuple[str, ...] = ("real", "real+classic", "real+stage1", "real+stage2")
     seeds: tuple[int, ...] = (0, 1)
+    # network -> its own seeds (cheap networks can afford more); networks not listed use `seeds`
+    seeds_per_network: dict[str, tuple[int, ...]] = {}
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -161,6 +181,19 @@ class EvaluateParams(Section):
             raise ValueError("conditions must include the baseline 'real'")
         return value
 
+    @model_validator(mode="after")
+    def _known_seed_networks(self) -> "EvaluateParams":
+        for network, seeds in self.seeds_per_network.items():
+            if network not in self.networks:
+                raise ValueError(f"seeds_per_network: '{network}' is not in networks {list(self.networks)}")
+            if not seeds or len(set(seeds)) != len(seeds):
+                raise ValueError(f"seeds_per_network.{network}: needs distinct seeds, got {list(seeds)}")
+        return self
+
+    def seeds_for(self, network: str) -> tuple[int, ...]:
+        """The seeds `network` is trained with: its `seeds_per_network` entry, else `seeds`."""
+        return self.seeds_per_network.get(network, self.seeds)
+
 
 class QualityParams(Section):
     """The quality report: fidelity, diversity, boundary and memorisation of the synthetic sets."""
@@ -175,6 +208,11 @@ class QualityParams(Section):
     kid_subsets: int = Field(50, ge=2)
     kid_subset_size: int = Field(100, ge=2)
     max_pairs: int = Field(8, ge=1)  # nearest-neighbour pairs shown in the report
+    # Quality by training step: EMA snapshots judged (evenly chosen, always the last; 0: none),
+    # unguided images drawn from each (classes balanced) and the DDPM respacing they are drawn with.
+    by_step_max_snapshots: int = Field(8, ge=0)
+    by_step_samples: int = Field(64, ge=2)
+    by_step_respacing: str = "50"
 
 
 class LauncherParams(Section):

@@ -14,35 +14,27 @@ The launcher never changes results, only where the work runs:
 * Rank 0 alone writes checkpoints, curves, models, plots, metrics and logs to MLflow; the other
   ranks get a `tracking.NullTracker`.
 
-`launch` (called by `stages.run_stage`, so the CLI, `dvc repro` and the Prefect flow all use it)
-starts `python -m torch.distributed.run --standalone --nproc_per_node=N -m mgdm_core.distributed`;
-the stage's MLflow run is created once, by the launching process, and rank 0 logs into it.
-Without an initialised process group every helper here is the single-process identity.
+Starting the processes is the front doors' concern, one layer up: `mgdm_core.launch.run_stage`
+runs `python -m torch.distributed.run --standalone --nproc_per_node=N -m mgdm_core.launch`; the
+stage's MLflow run is created once, by the launching process, and rank 0 logs into it. This module
+imports no stage. Without an initialised process group every helper here is the single-process
+identity.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
-import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from mgdm_core.errors import ConfigError, MgdmError
-
-log = logging.getLogger("mgdm")
+from mgdm_core.errors import ConfigError
 
 DISTRIBUTED_STAGES: tuple[str, ...] = ("train_diffusion", "train_classifier", "generate", "disturb")
-RUN_ID_ARG = "--run-id"
 
 T = TypeVar("T")
 
@@ -162,59 +154,3 @@ def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 def torchrun_command(nproc_per_node: int, module: str, args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
             "-m", module, *args]
-
-
-def launch(stage: str, params, layout, run_id: str | None) -> dict[str, float]:
-    """Run `stage` on `params.launcher.nproc_per_node` torchrun processes; the metrics rank 0 wrote."""
-    n = params.launcher.nproc_per_node
-    fd, params_file = tempfile.mkstemp(prefix=f"mgdm-{stage}-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(params.model_dump(mode="json"), f)
-        args = [stage, "--params-json", params_file, "--root", str(Path(layout.root).resolve())]
-        if run_id:
-            args += [RUN_ID_ARG, run_id]
-        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
-        log.info("%s: launching %d processes with torchrun", stage, n)
-        code = subprocess.call(torchrun_command(n, "mgdm_core.distributed", args), env=env)
-    finally:
-        os.unlink(params_file)
-    if code != 0:
-        raise MgdmError(f"{stage}: torchrun with {n} processes failed (exit code {code}); the error is printed above")
-    return json.loads(layout.metrics_file(stage).read_text())
-
-
-def _worker(argv: list[str] | None = None) -> int:
-    """One torchrun process: join the group, run the stage (rank 0 logs into the launcher's run)."""
-    from mgdm_core import tracking
-    from mgdm_core.config import validate_params
-    from mgdm_core.layout import Layout
-    from mgdm_core.stages import stage_module
-
-    parser = argparse.ArgumentParser(prog="python -m mgdm_core.distributed")
-    parser.add_argument("stage", choices=DISTRIBUTED_STAGES)
-    parser.add_argument("--params-json", required=True)
-    parser.add_argument("--root", required=True)
-    parser.add_argument(RUN_ID_ARG, default=None)
-    args = parser.parse_args(argv)
-    rank_env = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank_env == 0 else logging.WARNING,
-                        format=f"%(asctime)s %(levelname)s %(name)s [rank {rank_env}]: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        params = validate_params(json.loads(Path(args.params_json).read_text()), source=args.params_json)
-        init_from_env(params.device)
-        root = Path(args.root)
-        tracker = tracking.attach(root, args.run_id) if is_main() and args.run_id else tracking.NullTracker()
-        stage_module(args.stage).run(params, Layout(root), tracker)
-        return 0
-    except MgdmError as exc:
-        print(f"mgdm {args.stage} [rank {rank_env}]: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    finally:
-        shutdown()
-
-
-if __name__ == "__main__":
-    raise SystemExit(_worker())

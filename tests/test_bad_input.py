@@ -239,7 +239,7 @@ def test_missing_path_names_the_key() -> None:
 
 
 def test_phantom_with_more_classes_than_defined_names_the_key() -> None:
-    _raises(ConfigError, "data.phantom_counts", generate_phantom, [5, 5, 5, 5], 28, 1, 0)
+    _raises(ConfigError, "data.phantom_counts", generate_phantom, [5] * 11, 28, 1, 0)
 
 
 def test_phantom_with_zero_images_names_the_key() -> None:

@@ -49,8 +49,19 @@ def test_phantom_has_requested_shape_and_class_counts(image_size: int, channels:
     assert images.shape == (20, image_size, image_size, channels) and images.dtype == np.uint8
     assert labels.dtype == np.int64
     assert np.bincount(labels).tolist() == [12, 5, 3]
-    if channels == 3:  # grayscale content repeated, as BUSI's RGB-encoded scans
-        assert (images == images[..., :1]).all()
+    if channels == 3:  # the grey scan under a per-image colour cast: channels differ, structure does not
+        gray, _ = generate_phantom([12, 5, 3], image_size, 1, seed=0)
+        assert not (images == images[..., :1]).all()
+        for rgb, grey in zip(images.astype(float), gray[..., 0].astype(float)):
+            for c in range(3):
+                assert np.corrcoef(rgb[..., c].ravel(), grey.ravel())[0, 1] > 0.99
+
+
+def test_phantom_defines_ten_classes_each_with_its_own_lesions() -> None:
+    images, labels = generate_phantom([6] * 10, 32, 1, seed=0)
+    assert np.bincount(labels).tolist() == [6] * 10
+    class_means = np.array([images[labels == k].mean() for k in range(10)])
+    assert len(np.unique(np.round(class_means, 3))) == 10  # no two classes draw identical images
 
 
 def test_phantom_uses_the_dynamic_range_without_saturating() -> None:

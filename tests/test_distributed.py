@@ -15,7 +15,7 @@ from mgdm_core import distributed, tracking
 from mgdm_core.config import load_params
 from mgdm_core.errors import ConfigError
 from mgdm_core.layout import Layout
-from mgdm_core.stages import run_stage
+from mgdm_core.launch import run_stage
 
 # DDP all-reduces the two half-batch gradients (sum then / 2) where one process back-propagates
 # the whole batch: the same maths in another float order (gradients agree to ~1e-8 absolute).
@@ -155,6 +155,6 @@ def test_launcher_section_is_validated(tmp_path, repo_root):
 
 
 def test_torchrun_command_is_an_argument_list():
-    cmd = distributed.torchrun_command(4, "mgdm_core.distributed", ["generate", "--root", "/x y"])
+    cmd = distributed.torchrun_command(4, "mgdm_core.launch", ["generate", "--root", "/x y"])
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m"]
     assert cmd[-1] == "/x y"

@@ -80,7 +80,7 @@ def smoke(repo_root: Path, tmp_path_factory, mlflow_server):
     from mgdm_core import tracking
     from mgdm_core.config import load_params
     from mgdm_core.layout import Layout
-    from mgdm_core.stages import run_stage
+    from mgdm_core.launch import run_stage
 
     uri, _ = mlflow_server
     root = tmp_path_factory.mktemp("project")
@@ -139,7 +139,7 @@ def in_process(smoke):
     """`mgdm evaluate` in this process (torch on one thread, as in a Dask worker): the reference."""
     import torch
 
-    from mgdm_core.stages import run_stage
+    from mgdm_core.launch import run_stage
 
     params, layout, parent_id, uri = smoke
     threads = torch.get_num_threads()

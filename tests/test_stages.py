@@ -9,7 +9,8 @@ from mgdm_core import tracking
 from mgdm_core.config import load_params
 from mgdm_core.io import MANIFEST_COLUMNS, read_image, read_manifest
 from mgdm_core.layout import Layout
-from mgdm_core.stages import STAGES, run_stage
+from mgdm_core.launch import run_stage
+from mgdm_core.stages import STAGES
 
 
 @pytest.fixture(scope="module")

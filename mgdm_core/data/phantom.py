@@ -8,7 +8,9 @@ The classes differ mainly in the lesion margin, as in BI-RADS:
   enhancement;
 * ``malignant``: irregular, spiculated margin (high-order harmonics whose amplitude is a
   sizable fraction of the radius), often a posterior acoustic shadow;
-* ``cyst``: round, anechoic, sharp margin, strong posterior enhancement.
+* ``cyst``: round, anechoic, sharp margin, strong posterior enhancement;
+* seven more (``fibroadenoma``, ``lipoma``, ``abscess``, ...; see `CLASS_SPECS`) for
+  multi-class runs of up to 10 classes.
 
 Position, size, orientation, echogenicity, attenuation and speckle strength are drawn from
 ranges shared (or overlapping) across classes, so simple intensity statistics separate the
@@ -52,6 +54,29 @@ CLASS_SPECS: tuple[LesionSpec, ...] = (
     LesionSpec("cyst", radius=(0.10, 0.18), aspect=(0.9, 1.2), echo=(0.02, 0.12),
                lobulation=(0.0, 0.05), spiculation=(0.0, 0.02), margin_blur=(0.008, 0.018),
                posterior=(0.3, 0.7), posterior_prob=0.9),
+    # Further classes, for multi-class runs (2 to 10 classes): each differs from the others in
+    # at least one of margin shape, echogenicity, size or posterior feature.
+    LesionSpec("fibroadenoma", radius=(0.15, 0.25), aspect=(1.4, 2.0), echo=(0.35, 0.65),
+               lobulation=(0.15, 0.30), spiculation=(0.0, 0.03), margin_blur=(0.010, 0.025),
+               posterior=(0.0, 0.2), posterior_prob=0.3),
+    LesionSpec("lipoma", radius=(0.14, 0.24), aspect=(1.3, 2.0), echo=(0.85, 1.2),
+               lobulation=(0.0, 0.08), spiculation=(0.0, 0.03), margin_blur=(0.020, 0.045),
+               posterior=(0.0, 0.1), posterior_prob=0.1),
+    LesionSpec("abscess", radius=(0.13, 0.22), aspect=(0.8, 1.3), echo=(0.25, 0.45),
+               lobulation=(0.10, 0.25), spiculation=(0.05, 0.12), margin_blur=(0.040, 0.070),
+               posterior=(0.2, 0.5), posterior_prob=0.7),
+    LesionSpec("microlesion", radius=(0.05, 0.09), aspect=(0.9, 1.3), echo=(0.1, 0.4),
+               lobulation=(0.0, 0.08), spiculation=(0.0, 0.06), margin_blur=(0.008, 0.020),
+               posterior=(-0.3, 0.0), posterior_prob=0.3),
+    LesionSpec("hematoma", radius=(0.16, 0.26), aspect=(1.6, 2.4), echo=(0.45, 0.75),
+               lobulation=(0.0, 0.06), spiculation=(0.0, 0.03), margin_blur=(0.030, 0.060),
+               posterior=(0.0, 0.0), posterior_prob=0.0),
+    LesionSpec("papilloma", radius=(0.09, 0.15), aspect=(1.0, 1.4), echo=(0.03, 0.10),
+               lobulation=(0.25, 0.40), spiculation=(0.0, 0.03), margin_blur=(0.008, 0.018),
+               posterior=(0.2, 0.5), posterior_prob=0.8),
+    LesionSpec("carcinoma_shadow", radius=(0.12, 0.20), aspect=(0.6, 0.9), echo=(0.05, 0.25),
+               lobulation=(0.05, 0.15), spiculation=(0.12, 0.25), margin_blur=(0.020, 0.045),
+               posterior=(-0.8, -0.5), posterior_prob=1.0),
 )
 CLASS_NAMES: tuple[str, ...] = tuple(spec.name for spec in CLASS_SPECS)
 
@@ -71,7 +96,9 @@ def generate_phantom(
     """Generate `counts[k]` phantoms of class k, shuffled, deterministic in `seed`.
 
     Returns (images uint8 [N, H, W, C] with H = W = image_size and C = channels,
-    labels int64 [N]) with N = sum(counts). Grayscale content; C = 3 repeats it.
+    labels int64 [N]) with N = sum(counts). With C = 3 each scan gets a colour cast of its own
+    (a per-image gain per channel, as from differently calibrated colour scanners, drawn from a
+    generator of its own so the grey images do not change); the classes do not differ in colour.
     """
     _check_args(counts, image_size, channels)
     rng = np.random.default_rng(seed)
@@ -85,8 +112,11 @@ def generate_phantom(
     image *= 1.0 + params["posterior"][:, None, None] * posterior_mask * (1.0 - inside)
     image *= _depth_gain(len(labels), y, rng)
     image *= _speckle(image.shape, rng)
+    if channels == 3:
+        cast = np.random.default_rng([seed, 3]).uniform(0.75, 1.15, (len(labels), 1, 1, 3)).astype(np.float32)
+        return np.clip(np.rint(image[..., None] * cast * 255.0), 0, 255).astype(np.uint8), labels
     gray = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
-    return np.repeat(gray[..., None], channels, axis=-1), labels
+    return gray[..., None], labels
 
 
 def _check_num_classes(num_classes: int) -> None:

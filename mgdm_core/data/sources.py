@@ -17,6 +17,7 @@ Decisions for `imagefolder` (documented in the loader):
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import zipfile
@@ -111,7 +112,17 @@ def _stratified_split(
 
 
 def _hold_out(images: np.ndarray, labels: np.ndarray, fraction: float, seed: int, where: str) -> tuple[Split, Split]:
-    """Split off `fraction` of the images, stratified by label -> (rest, held out)."""
+    """Split off `fraction` of the images, stratified by label -> (rest, held out).
+
+    Every class needs at least max(2, ceil(1 / fraction)) images, so that both parts hold one.
+    """
+    need = max(2, math.ceil(1.0 / fraction))
+    small = {k: int(n) for k, n in enumerate(np.bincount(labels)) if 0 < n < need}
+    if small:
+        raise DataError(
+            f"{where}: too few images in class(es) {small} (label: images) to hold out {fraction:.3g} of each "
+            f"class; every class needs at least {need} (data.val_fraction / data.test_fraction set the split)"
+        )
     try:
         rest_x, out_x, rest_y, out_y = train_test_split(
             images, labels, test_size=fraction, random_state=seed, stratify=labels

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import Tensor, nn
 
 from mgdm_core.errors import ConfigError
+from mgdm_core.networks.presets import preset_attention_resolutions, preset_channel_mult, unet_preset
 from mgdm_core.networks.blocks import (
     build_encoder,
     AttentionBlock,
@@ -78,19 +79,13 @@ class UNetConfig(BaseModel):
 
 
 def default_channel_mult(image_size: int) -> tuple[int, ...]:
-    """Per-level channel multipliers by image size (guided-diffusion's table, with 28/32 px at three levels)."""
-    if image_size <= 32:
-        return (1, 2, 2)
-    if image_size <= 64:
-        return (1, 2, 3, 4)
-    if image_size <= 128:
-        return (1, 1, 2, 3, 4)
-    return (1, 1, 2, 2, 4, 4)
+    """Per-level channel multipliers by image size (`presets.preset_channel_mult`)."""
+    return preset_channel_mult(image_size)
 
 
 def default_attention_resolutions(image_size: int, channel_mult: tuple[int, ...]) -> tuple[int, ...]:
     """Attention at the two coarsest levels (28 -> (14, 7), 32 -> (16, 8), 64 -> (16, 8))."""
-    return tuple(level_sizes(image_size, len(channel_mult))[-2:])
+    return preset_attention_resolutions(image_size, channel_mult)
 
 
 def default_unet_config(image_size: int, in_channels: int, num_classes: int, **overrides: Any) -> UNetConfig:
@@ -103,7 +98,7 @@ def default_unet_config(image_size: int, in_channels: int, num_classes: int, **o
         "image_size": image_size,
         "in_channels": in_channels,
         "num_classes": num_classes,
-        "width": 64 if image_size <= 32 else 128,
+        "width": unet_preset(image_size)["width"],
         "channel_mult": channel_mult,
         "num_res_blocks": 2,
         "attention_resolutions": default_attention_resolutions(image_size, channel_mult),

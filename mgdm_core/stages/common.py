@@ -11,14 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from mgdm_core.config import Params
 from mgdm_core.data.loaders import to_model_tensor
 from mgdm_core.diffusion.schedule import Schedule, make_schedule
-from mgdm_core.errors import CheckpointError, DataError
+from mgdm_core.errors import CheckpointError, ConfigError, DataError
 from mgdm_core.io import remove_stale_temps, write_json_atomic
 from mgdm_core.layout import Layout
 from mgdm_core.networks.classifier import ClassifierConfig, NoisyClassifier
+from mgdm_core.networks.presets import classifier_preset, preset_attention_resolutions, unet_preset
 from mgdm_core.networks.unet import UNet, UNetConfig
 from mgdm_core.training.checkpoint import load_checkpoint
 
@@ -74,41 +76,64 @@ def dataset_name(params: Params) -> str:
     return Path(str(data.path)).stem or str(data.path)
 
 
+def _resolved(values: dict, preset: dict) -> dict:
+    """Fill `auto` (None) network sizes from the preset for the image size."""
+    return {k: (preset[k] if v is None and k in preset else v) for k, v in values.items()}
+
+
+def _build(section: str, config_cls, fields: dict, image_size: int):
+    """Build a network config; a layout impossible at this image size is a ConfigError naming `section.key`."""
+    try:
+        return config_cls(**fields)
+    except ConfigError as err:
+        raise ConfigError(f"{section}.{err} (data.image_size {image_size})") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"{section}.{key}: {first['msg']} (got {first.get('input')!r})") from None
+
+
 def unet_config(params: Params, image_size: int, channels: int, num_classes: int) -> UNetConfig:
+    """The UNet for this data; `diffusion.*` sizes left `auto` come from `networks.presets.unet_preset`."""
     d = params.diffusion
-    return UNetConfig(
+    sizes = _resolved({"width": d.width, "channel_mult": d.channel_mult,
+                       "attention_resolutions": d.attention_resolutions}, unet_preset(image_size))
+    if d.attention_resolutions is None and d.channel_mult is not None:
+        sizes["attention_resolutions"] = preset_attention_resolutions(image_size, d.channel_mult)
+    return _build("diffusion", UNetConfig, dict(
         image_size=image_size,
         in_channels=channels,
         num_classes=num_classes,
-        width=d.width,
-        channel_mult=d.channel_mult,
+        **sizes,
         num_res_blocks=d.num_res_blocks,
-        attention_resolutions=d.attention_resolutions,
         num_heads=d.num_heads,
         num_head_channels=-1,
         dropout=d.dropout,
         scale_shift_norm=d.scale_shift_norm,
         resblock_updown=d.resblock_updown,
         learn_sigma=d.learn_sigma,
-    )
+    ), image_size)
 
 
 def classifier_config(params: Params, image_size: int, channels: int, num_classes: int) -> ClassifierConfig:
+    """The noisy classifier for this data; `classifier.*` sizes left `auto` come from `classifier_preset`."""
     c = params.classifier
-    return ClassifierConfig(
+    sizes = _resolved({"width": c.width, "channel_mult": c.channel_mult,
+                       "attention_resolutions": c.attention_resolutions}, classifier_preset(image_size))
+    if c.attention_resolutions is None and c.channel_mult is not None:
+        sizes["attention_resolutions"] = preset_attention_resolutions(image_size, c.channel_mult)
+    return _build("classifier", ClassifierConfig, dict(
         image_size=image_size,
         in_channels=channels,
         num_classes=num_classes,
-        width=c.width,
+        **sizes,
         depth=c.depth,
-        channel_mult=c.channel_mult,
-        attention_resolutions=c.attention_resolutions,
         num_head_channels=c.head_channels,
         pool=c.pool,
         scale_shift_norm=True,
         resblock_updown=True,
         dropout=0.0,
-    )
+    ), image_size)
 
 
 def diffusion_schedule(params: Params) -> Schedule:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ from mgdm_core.errors import ConfigError
 from mgdm_core.io import ensure_writable_dir, save_npz_atomic, write_json_atomic
 from mgdm_core.layout import Layout
 from mgdm_core.plots import class_grid
+from mgdm_core.stages.checks import check_class_counts, check_params_against_data
 from mgdm_core.stages.common import SPLITS, dataset_name, log, write_metrics
 from mgdm_core.tracking import Tracker
 
@@ -38,6 +42,12 @@ def _class_names(wanted: tuple[str, ...] | None, found: tuple[str, ...]) -> tupl
 
 
 def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
+    """Load, check and write the prepared data; a refused source leaves the previous prepared data untouched.
+
+    Everything is checked before anything is written: at least two classes, every class in every
+    split, and every data-dependent parameter (`stages.checks`). The splits are written into a
+    temporary sibling directory that replaces `data/prepared` only once complete.
+    """
     data = params.data
     splits = load_source(
         data.source,
@@ -52,31 +62,40 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
         val_fraction=data.val_fraction,
         test_fraction=data.test_fraction,
     )
-    ensure_writable_dir(layout.prepared)
     class_names = _class_names(data.class_names, splits.class_names)
+    for split in SPLITS:
+        check_class_counts(class_names, getattr(splits, split).labels, f"data ({split} split)")
+    check_params_against_data(params, class_names=class_names, image_size=data.image_size,
+                              channels=data.channels, where=f"the data ({dataset_name(params)})")
+    ensure_writable_dir(layout.prepared.parent)
     num_classes = len(class_names)
     metrics: dict[str, float] = {"num_classes": num_classes}
     prepared = {}
-    for split in SPLITS:
-        part = getattr(splits, split)
-        images = resize_and_convert(part.images, data.image_size, data.channels)
-        labels = part.labels.astype(np.int64)
-        save_npz_atomic(layout.split_file(split), images=images, labels=labels)
-        prepared[split] = (images, labels)
-        metrics[f"{split}_images"] = len(labels)
-        for k in range(num_classes):
-            metrics[f"{split}_class{k}"] = int((labels == k).sum())
-    write_json_atomic(
-        layout.classes_file,
-        {
-            "class_names": list(class_names),
-            "dataset": dataset_name(params),
-            "source": splits.source,
-            "image_size": data.image_size,
-            "channels": data.channels,
-            "notes": list(splits.notes),
-        },
-    )
+    staging = Path(tempfile.mkdtemp(prefix=".prepared-", dir=layout.prepared.parent))
+    try:
+        for split in SPLITS:
+            part = getattr(splits, split)
+            images = resize_and_convert(part.images, data.image_size, data.channels)
+            labels = part.labels.astype(np.int64)
+            save_npz_atomic(staging / layout.split_file(split).name, images=images, labels=labels)
+            prepared[split] = (images, labels)
+            metrics[f"{split}_images"] = len(labels)
+            for k in range(num_classes):
+                metrics[f"{split}_class{k}"] = int((labels == k).sum())
+        write_json_atomic(
+            staging / layout.classes_file.name,
+            {
+                "class_names": list(class_names),
+                "dataset": dataset_name(params),
+                "source": splits.source,
+                "image_size": data.image_size,
+                "channels": data.channels,
+                "notes": list(splits.notes),
+            },
+        )
+        _swap_in(staging, layout.prepared)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     grid = layout.plot_file("prepare_real_samples.png")
     class_grid(*prepared["train"], class_names, grid, title=f"real training images ({dataset_name(params)})")
     tracker.log_artifact(grid, "samples")
@@ -84,3 +103,14 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     write_metrics(layout, "prepare", metrics)
     log.info("prepared %s: %s", dataset_name(params), {k: int(v) for k, v in metrics.items() if k.endswith("images")})
     return metrics
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Replace directory `target` by the complete `staging` (two renames; the old one is removed last)."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=".prepared-old-", dir=target.parent))
+        os.replace(target, old / "prepared")
+    os.replace(staging, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
