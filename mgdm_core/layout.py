@@ -32,6 +32,11 @@ class Layout:
         return self.root / "models" / "diffusion"
 
     @property
+    def diffusion_snapshots_dir(self) -> Path:
+        """EMA weights saved along the way (`step_{step:07d}.pt`, same format as `diffusion_model`)."""
+        return self.diffusion_dir / "snapshots"
+
+    @property
     def diffusion_model(self) -> Path:
         return self.root / "models" / "diffusion.pt"
 

@@ -19,7 +19,7 @@ from mgdm_core.diffusion.guidance import (
     margin,
     uncertainty_guidance,
 )
-from mgdm_core.diffusion.losses import hybrid_loss, learned_log_variance, mse_loss, q_sample
+from mgdm_core.diffusion.losses import hybrid_loss, learned_log_variance, mse_loss, mse_weight, q_sample
 from mgdm_core.diffusion.sampling import (
     PerImageNoise,
     ddim_invert,
@@ -422,3 +422,128 @@ def test_ddim_eta_one_matches_class_mean_closed_form() -> None:
     )
     mean = x0.mean(dim=0).flatten()
     assert torch.all((mean - torch.tensor(GM.means[1], dtype=DTYPE)).abs() < 0.05 * GM.sigma), mean
+
+
+# Order of clipping and guidance (the original release's p_mean_variance + condition_score/mean) --
+
+
+def _constant_model(eps_value: float) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+    return lambda x_t, t, y: torch.full_like(x_t, eps_value)
+
+
+def _constant_guidance(value: float):
+    return lambda x_t, t, y: torch.full_like(x_t, value)
+
+
+def test_ddim_guidance_corrects_the_clipped_prediction_and_is_not_clipped_again_closed_form() -> None:
+    schedule = respace(BASE, "2")
+    x, eps, g, scale = torch.full((1, 1, 1, 2), 3.0, dtype=DTYPE), -0.5, 0.7, 4.0
+    seen: list[Tensor] = []
+    out = ddim_sample(_constant_model(eps), x, schedule, guidance=_constant_guidance(g), scale=scale,
+                      clip_denoised=True, callback=lambda info: seen.append(info["x"]))
+    expected = x
+    for i in (1, 0):
+        abar, abar_prev = schedule.alphas_cumprod[i], schedule.alphas_cumprod_prev[i]
+        x0 = ((expected - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)  # clip first
+        e = (expected - math.sqrt(abar) * x0) / math.sqrt(1 - abar)  # eps from the clipped x0
+        e = e - math.sqrt(1 - abar) * scale * g  # then guidance
+        x0 = (expected - math.sqrt(1 - abar) * e) / math.sqrt(abar)  # never clipped again
+        expected = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev) * e
+        if i == 1:
+            torch.testing.assert_close(seen[1], expected)
+    torch.testing.assert_close(out, expected)
+    assert out.max() > 1.0  # guidance beyond the clip range survives
+
+
+def test_ddpm_guidance_shifts_the_clipped_posterior_mean_by_the_variance_closed_form() -> None:
+    schedule = respace(BASE, "2")
+    x, eps, g, scale = torch.full((1, 1, 1, 2), 3.0, dtype=DTYPE), -0.5, 0.7, 4.0
+    seen: list[Tensor] = []
+    zero_noise = lambda like, i: torch.zeros_like(like)  # noqa: E731
+    ddpm_sample(_constant_model(eps), x, schedule, guidance=_constant_guidance(g), scale=scale,
+                noise=zero_noise, clip_denoised=True, callback=lambda info: seen.append(info["x"]))
+    abar = schedule.alphas_cumprod[1]
+    x0 = ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
+    mean = schedule.posterior_mean_coef1[1] * x0 + schedule.posterior_mean_coef2[1] * x
+    expected = mean + math.exp(schedule.posterior_log_variance_clipped[1]) * scale * g
+    torch.testing.assert_close(seen[1], expected)
+
+
+# Loss weighting and float32 variance under bf16 autocast ----------------------------------------
+
+
+def test_mse_weightings_closed_form() -> None:
+    t = torch.tensor([0, 10, 500, 999])
+    like = torch.zeros(4, 1, 1, 2, dtype=DTYPE)
+    abar = torch.tensor(BASE.alphas_cumprod[t.numpy()], dtype=DTYPE).reshape(-1, 1, 1, 1)
+    snr = abar / (1 - abar)
+    torch.testing.assert_close(mse_weight(BASE, t, "sqrt_one_minus_alpha_bar", like), 1 / torch.sqrt(1 + snr))
+    torch.testing.assert_close(mse_weight(BASE, t, "min_snr", like), torch.clamp(snr, max=5.0) / snr)
+    assert mse_weight(BASE, t, "uniform", like) == 1.0
+
+
+def test_weighted_mse_scales_each_sample_by_its_weight() -> None:
+    x0, y = _data(4)
+    t, noise = torch.tensor([3, 40, 400, 900]), _noise(range(4))
+    model = _learned_variance_model(0.3)
+    _, uniform = hybrid_loss(model, BASE, x0, t, y, noise, weighting="uniform")
+    _, weighted = hybrid_loss(model, BASE, x0, t, y, noise, weighting="sqrt_one_minus_alpha_bar")
+    w = torch.tensor(np.sqrt(1 - BASE.alphas_cumprod[t.numpy()]), dtype=DTYPE)
+    torch.testing.assert_close(weighted["mse"], uniform["mse"] * w)
+    torch.testing.assert_close(weighted["vb"], uniform["vb"])  # the VLB term is not weighted
+
+
+def test_learned_variance_is_interpolated_in_float32_from_bf16_channels() -> None:
+    t = torch.tensor([100, 300, 600])
+    v = torch.tensor([-0.5, 0.25, 0.9]).reshape(-1, 1, 1, 1).bfloat16()
+    log_var = learned_log_variance(BASE, v, t)
+    assert log_var.dtype == torch.float32
+    # Same as the float32 interpolation of the same (bf16-rounded) values: log beta and log beta~
+    # differ by less than bf16's spacing here, so a bf16 interpolation would return one of them.
+    torch.testing.assert_close(log_var, learned_log_variance(BASE, v.float(), t), rtol=0, atol=0)
+    lo = torch.tensor(BASE.posterior_log_variance_clipped[t.numpy()], dtype=torch.float32).reshape(-1, 1, 1, 1)
+    hi = torch.tensor(np.log(BASE.betas[t.numpy()]), dtype=torch.float32).reshape(-1, 1, 1, 1)
+    assert torch.all(log_var > lo) and torch.all(log_var < hi)
+
+
+def _tiny_unet(seed: int = 0):
+    from mgdm_core.networks.unet import UNet, UNetConfig
+
+    torch.manual_seed(seed)
+    config = UNetConfig(image_size=8, in_channels=1, num_classes=2, width=32, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(4,), num_heads=2, num_head_channels=-1, dropout=0.0,
+                        scale_shift_norm=True, resblock_updown=True, learn_sigma=True)
+    model = UNet(config).eval()
+    # Non-zero output conv, so eps and the variance channels are not trivially zero.
+    for parameter in model.parameters():
+        if parameter.abs().sum() == 0:
+            torch.nn.init.normal_(parameter, std=0.05)
+    return model
+
+
+def test_hybrid_loss_under_cpu_bf16_autocast_matches_float32() -> None:
+    """The dtype path of a CUDA bf16 run, on the CPU: the loss stays within 2 % of float32."""
+    model, schedule = _tiny_unet(), make_schedule("linear", 1000)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(16, 1, 8, 8, generator=gen) * 2 - 1
+    t = torch.randint(0, 1000, (16,), generator=gen)
+    noise, y = torch.randn(x0.shape, generator=gen), torch.arange(16) % 2
+    with torch.no_grad():
+        fp32, parts32 = hybrid_loss(model, schedule, x0, t, y, noise)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16, parts16 = hybrid_loss(model, schedule, x0, t, y, noise)
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
+    torch.testing.assert_close(bf16.mean(), fp32.mean(), rtol=0.02, atol=0.0)
+    torch.testing.assert_close(parts16["vb"].mean(), parts32["vb"].mean(), rtol=0.05, atol=0.0)
+
+
+def test_learned_variance_ddpm_under_cpu_bf16_autocast_matches_float32() -> None:
+    model, schedule = _tiny_unet(), respace(make_schedule("linear", 1000), "20")
+    seeds = list(range(8))
+    x_T, y = initial_noise(seeds, (1, 8, 8), "cpu", torch.float32), torch.arange(8) % 2
+    fp32 = ddpm_sample(model, x_T, schedule, y=y, noise=PerImageNoise(seeds, "cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = ddpm_sample(model, x_T, schedule, y=y, noise=PerImageNoise(seeds, "cpu"))
+    assert torch.isfinite(bf16).all()
+    # bf16 has 8 significant bits: per-pixel drift over 20 steps stays small against the [-1, 1] range.
+    assert (bf16.float() - fp32).abs().mean() < 0.03

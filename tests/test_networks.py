@@ -9,6 +9,7 @@ from torch import nn
 from mgdm_core.diffusion.losses import hybrid_loss
 from mgdm_core.diffusion.schedule import make_schedule
 from mgdm_core.errors import ConfigError
+from mgdm_core.networks.blocks import group_norm, norm_groups
 from mgdm_core.networks.classifier import ClassifierConfig, NoisyClassifier
 from mgdm_core.networks.unet import UNet, UNetConfig, default_unet_config
 from mgdm_core.training.loop import train_loop
@@ -114,7 +115,6 @@ def test_unet_none_label_is_the_null_class() -> None:
     ("overrides", "key"),
     [
         ({"attention_resolutions": (8,)}, "attention_resolutions"),
-        ({"width": 48}, "width"),
         ({"channel_mult": (1, 1, 1, 1, 1, 1, 1)}, "channel_mult"),
         ({"num_heads": 3}, "num_heads"),
         ({"kernel": 3}, "kernel"),
@@ -192,3 +192,10 @@ def test_tiny_unet_hybrid_loss_falls_on_a_toy_set(tmp_path) -> None:
     first, last = torch.tensor(result.losses[:50]).mean(), torch.tensor(result.losses[-50:]).mean()
     print(f"hybrid loss: first 50 steps {first:.3f}, last 50 steps {last:.3f}")
     assert last < 0.5 * first
+
+
+def test_group_norm_keeps_at_least_four_channels_per_group_and_the_originals_32_groups_from_128() -> None:
+    assert {c: norm_groups(c) for c in (3, 8, 32, 48, 64, 96, 128, 256, 512)} == {
+        3: 1, 8: 2, 32: 8, 48: 12, 64: 16, 96: 24, 128: 32, 256: 32, 512: 32,
+    }
+    assert group_norm(64).num_groups == 16

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -54,8 +55,12 @@ def predict_x0_from_eps(schedule: Schedule, x_t: Tensor, t: Tensor, eps: Tensor)
 def learned_log_variance(schedule: Schedule, v: Tensor, t: Tensor) -> Tensor:
     """log Sigma_theta = frac log beta_t + (1 - frac) log beta~_t, frac = (v + 1) / 2 (improved DDPM eq. 15).
 
-    v: the model's variance channels in [-1, 1], [B, C, H, W]; returns the same shape.
+    v: the model's variance channels in [-1, 1], [B, C, H, W]; returns the same shape, in at least
+    float32. Under bf16 autocast v arrives in bf16, but log beta_t and log beta~_t differ by less
+    than bf16's spacing for t above about 60 (of 1000), so the interpolation (and its gradient)
+    would be meaningless there: it is always computed in float32 (float64 stays float64).
     """
+    v = v.to(torch.promote_types(v.dtype, torch.float32))
     frac = (v + 1.0) / 2.0
     max_log = gather(np.log(schedule.betas), t, v)
     min_log = gather(schedule.posterior_log_variance_clipped, t, v)
@@ -102,6 +107,31 @@ def _per_sample_mean(values: Tensor) -> Tensor:
     return values.flatten(1).mean(dim=1)
 
 
+MseWeighting = Literal["sqrt_one_minus_alpha_bar", "uniform", "min_snr"]
+MIN_SNR_GAMMA = 5.0
+
+
+def mse_weight(schedule: Schedule, t: Tensor, weighting: MseWeighting, like: Tensor) -> Tensor | float:
+    """Per-sample weight of the eps-MSE at positions t, broadcastable to `like`.
+
+    - sqrt_one_minus_alpha_bar: 1 / sqrt(1 + SNR_t) = sqrt(1 - alpha_bar_t), SNR_t = alpha_bar_t /
+      (1 - alpha_bar_t): the original MGDM release's weighting (its `training_losses`);
+    - uniform: 1, L_simple of DDPM and improved DDPM;
+    - min_snr: min(SNR_t, 5) / SNR_t, Min-SNR-5 for eps prediction (Hang et al. 2023).
+    """
+    if weighting == "uniform":
+        return 1.0
+    abar = schedule.alphas_cumprod
+    if weighting == "sqrt_one_minus_alpha_bar":
+        table = np.sqrt(1.0 - abar)
+    elif weighting == "min_snr":
+        snr = abar / (1.0 - abar)
+        table = np.minimum(snr, MIN_SNR_GAMMA) / snr
+    else:
+        raise ConfigError(f"unknown mse weighting {weighting!r} (expected one of {MseWeighting.__args__})")
+    return gather(table, t, like)
+
+
 def vlb_terms(
     schedule: Schedule, x0: Tensor, x_t: Tensor, t: Tensor, eps: Tensor, v: Tensor
 ) -> Tensor:
@@ -110,6 +140,9 @@ def vlb_terms(
     KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) for t > 0, the decoder NLL
     -log p_theta(x_0 | x_1) for t = 0. eps [B, C, H, W] gives the mean, v the log variance.
     """
+    # In float32 at least: under bf16 autocast the posterior terms differ by less than bf16 resolves.
+    dtype = torch.promote_types(eps.dtype, torch.float32)
+    x0, x_t, eps, v = (a.to(dtype) for a in (x0, x_t, eps, v))
     true_mean, _, true_log_var = q_posterior_mean_variance(schedule, x0, x_t, t)
     model_mean, _, _ = q_posterior_mean_variance(
         schedule, predict_x0_from_eps(schedule, x_t, t, eps), x_t, t
@@ -129,8 +162,13 @@ def hybrid_loss(
     noise: Tensor,
     *,
     vlb_weight: float = 1.0,
+    weighting: MseWeighting = "uniform",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """L_hybrid = L_simple + vlb_weight * (N / 1000) * L_vlb (improved DDPM eq. 16): per-sample [B].
+    """L_hybrid = w_t L_simple + vlb_weight * (N / 1000) * L_vlb (improved DDPM eq. 16): per-sample [B].
+
+    w_t is `mse_weight(weighting)` (1 for "uniform"; the original release trains with
+    "sqrt_one_minus_alpha_bar"); the VLB term is not weighted. The losses are computed in float32
+    even when the model ran under bf16 autocast.
 
     The model outputs 2C channels (eps, v). The VLB term sees eps with its gradient stopped, so it
     trains only the variance (improved DDPM section 3.1); scaling by N / 1000 is the paper's
@@ -143,20 +181,23 @@ def hybrid_loss(
     eps, v = split_output(out, x0.shape[1])
     if v is None:
         raise ConfigError("hybrid_loss: expected a learned-variance model with 2C output channels")
-    mse = _per_sample_mean((noise - eps) ** 2)
+    eps = eps.to(torch.promote_types(eps.dtype, torch.float32))
+    mse = _per_sample_mean(mse_weight(schedule, t, weighting, eps) * (noise - eps) ** 2)
     vb = vlb_terms(schedule, x0, x_t, t, eps.detach(), v) * (schedule.num_timesteps / 1000.0)
     return mse + vlb_weight * vb, {"mse": mse, "vb": vb}
 
 
 def mse_loss(
-    model: Model, schedule: Schedule, x0: Tensor, t: Tensor, y: Tensor | None, noise: Tensor
+    model: Model, schedule: Schedule, x0: Tensor, t: Tensor, y: Tensor | None, noise: Tensor,
+    *, weighting: MseWeighting = "uniform",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """L_simple = ||eps - eps_theta(x_t, t, y)||^2 (DDPM eq. 14) for C-channel models: per-sample [B]."""
+    """w_t ||eps - eps_theta(x_t, t, y)||^2 (DDPM eq. 14; w_t from `mse_weight`) for C-channel models: per-sample [B]."""
     out = model(q_sample(schedule, x0, t, noise), _network_timesteps(schedule, t), y)
     eps, v = split_output(out, x0.shape[1])
     if v is not None:
         raise ConfigError("mse_loss: expected a fixed-variance model with C output channels; use hybrid_loss")
-    mse = _per_sample_mean((noise - eps) ** 2)
+    eps = eps.to(torch.promote_types(eps.dtype, torch.float32))
+    mse = _per_sample_mean(mse_weight(schedule, t, weighting, eps) * (noise - eps) ** 2)
     return mse, {"mse": mse}
 
 

@@ -2,10 +2,17 @@
 
 Each walks explicit schedule positions i = N-1 .. 0 (inversion: 0 .. N-1), feeding the network
 `schedule.timesteps[i]`, with per-step scalars as Python floats from the float64 schedule (no host
-syncs). Guidance enters as eps_hat = eps - sqrt(1 - alpha_bar_t) * scale * guidance(x_t, t, y)
-(Dhariwal & Nichol 2021, eq. 14); the call is skipped when guidance is None or scale == 0, so
-scale 0 is exactly the unguided sampler. Randomness comes only from the injected `noise`.
-Tensors are [B, C, H, W]; y is int64 [B] or None.
+syncs). Randomness comes only from the injected `noise`. Tensors are [B, C, H, W]; y is int64 [B]
+or None. The guidance call is skipped when guidance is None or scale == 0, so scale 0 is exactly
+the unguided sampler.
+
+Order of operations per step, as in the original release (guided-diffusion's p_mean_variance
+followed by condition_score / condition_mean): the model's x0_hat is clipped first (when
+`clip_denoised`), eps is recomputed from the clipped x0_hat, and only then is guidance applied,
+never clipped again, so clipping cannot truncate the guidance at high noise:
+- DDIM: eps_hat = eps - sqrt(1 - alpha_bar_t) * scale * guidance(x_t, t, y) (Dhariwal & Nichol
+  2021, eq. 14) and x0_hat is re-derived from eps_hat;
+- DDPM: the posterior mean is shifted by Sigma_t * scale * guidance (Dhariwal & Nichol 2021, alg. 1).
 """
 
 from __future__ import annotations
@@ -26,21 +33,22 @@ NoiseFn = Callable[[Tensor, int], Tensor]
 Callback = Callable[[dict[str, Any]], None]
 
 
-def _guided_eps(
-    model: Model,
-    x: Tensor,
-    t: Tensor,
-    y: Tensor | None,
-    guidance: Guidance | None,
-    scale: float,
-    sqrt_one_minus_abar: float,
-) -> tuple[Tensor, Tensor | None]:
-    """eps_hat and the variance channels v (None for C-channel models) at x_t."""
+def _model_eps(model: Model, x: Tensor, t: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The model's eps and variance channels v (None for C-channel models) at x_t, without autograd."""
     with torch.no_grad():
-        eps, v = split_output(model(x, t, y), x.shape[1])
-    if guidance is not None and scale != 0:
-        eps = eps - sqrt_one_minus_abar * scale * guidance(x, t, y)
-    return eps, v
+        return split_output(model(x, t, y), x.shape[1])
+
+
+def _denoise(
+    model: Model, x: Tensor, t: Tensor, y: Tensor | None, abar: float, clip: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(eps, x0_hat, v) at x_t: x0_hat from the model's eps, clamped to [-1, 1] when `clip`, and
+    then eps recomputed from the clamped x0_hat so both agree (guided-diffusion's p_mean_variance)."""
+    eps, v = _model_eps(model, x, t, y)
+    x0_hat = _x0_hat(x, eps, abar, clip)
+    if clip:
+        eps = (x - math.sqrt(abar) * x0_hat) / math.sqrt(1.0 - abar)
+    return eps, x0_hat, v
 
 
 def _network_t(schedule: Schedule, i: int, x: Tensor) -> Tensor:
@@ -87,10 +95,10 @@ def ddim_sample(
         abar = float(schedule.alphas_cumprod[i])
         abar_prev = float(schedule.alphas_cumprod_prev[i])
         t = _network_t(schedule, i, x)
-        eps, _ = _guided_eps(model, x, t, y, guidance, scale, math.sqrt(1.0 - abar))
-        x0_hat = _x0_hat(x, eps, abar, clip_denoised)
-        if clip_denoised:
-            eps = (x - math.sqrt(abar) * x0_hat) / math.sqrt(1.0 - abar)
+        eps, x0_hat, _ = _denoise(model, x, t, y, abar, clip_denoised)
+        if guidance is not None and scale != 0:
+            eps = eps - math.sqrt(1.0 - abar) * scale * guidance(x, t, y)
+            x0_hat = _x0_hat(x, eps, abar, False)
         if callback is not None:
             callback(dict(i=i, t=int(schedule.timesteps[i]), x=x, x0_hat=x0_hat))
         sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
@@ -116,25 +124,26 @@ def ddpm_sample(
 
     mu~_t is the posterior mean (DDPM eq. 7) at x0_hat from eps_hat. Sigma_t is the learned
     interpolation between beta~_t and beta_t (improved DDPM eq. 15) for 2C-channel models, else
-    the fixed "small" posterior variance beta~_t. No noise is added at the last step.
+    the fixed "small" posterior variance beta~_t. Guidance shifts the mean by
+    Sigma_t * scale * guidance(x_t, t, y) after x0_hat was clipped (guided-diffusion's
+    condition_mean, Dhariwal & Nichol 2021 alg. 1). No noise is added at the last step.
     """
     draw = _require_noise(noise, "ddpm_sample")
     x = x_T
     for i in reversed(range(schedule.num_timesteps)):
         abar = float(schedule.alphas_cumprod[i])
         t = _network_t(schedule, i, x)
-        eps, v = _guided_eps(model, x, t, y, guidance, scale, math.sqrt(1.0 - abar))
-        x0_hat = _x0_hat(x, eps, abar, clip_denoised)
+        _, x0_hat, v = _denoise(model, x, t, y, abar, clip_denoised)
         if callback is not None:
             callback(dict(i=i, t=int(schedule.timesteps[i]), x=x, x0_hat=x0_hat))
         mean = float(schedule.posterior_mean_coef1[i]) * x0_hat + float(schedule.posterior_mean_coef2[i]) * x
-        if i == 0:
-            x = mean
-        elif v is None:
-            x = mean + math.exp(0.5 * float(schedule.posterior_log_variance_clipped[i])) * draw(x, i)
+        if v is None:
+            log_var = torch.tensor(float(schedule.posterior_log_variance_clipped[i]), dtype=x.dtype, device=x.device)
         else:
-            positions = torch.full_like(t, i)
-            x = mean + torch.exp(0.5 * learned_log_variance(schedule, v, positions)) * draw(x, i)
+            log_var = learned_log_variance(schedule, v, torch.full_like(t, i))
+        if guidance is not None and scale != 0:
+            mean = mean + torch.exp(log_var) * scale * guidance(x, t, y)
+        x = mean if i == 0 else mean + torch.exp(0.5 * log_var) * draw(x, i)
     return x
 
 
@@ -182,15 +191,13 @@ def ddim_invert(
         abar_from = float(schedule.alphas_cumprod_prev[i])
         abar_to = float(schedule.alphas_cumprod[i])
         t = _network_t(schedule, i, x)
-        with torch.no_grad():
-            eps, _ = split_output(model(x, t, y), x.shape[1])
+        eps, _ = _model_eps(model, x, t, y)
         x0_hat = _x0_hat(x, eps, abar_from, clip_denoised)
         if callback is not None:
             callback(dict(i=i, t=int(schedule.timesteps[i]), x=x, x0_hat=x0_hat))
         x_next = math.sqrt(abar_to) * x0_hat + math.sqrt(1.0 - abar_to) * eps
         for _ in range(refine):
-            with torch.no_grad():
-                eps, _ = split_output(model(x_next, t, y), x.shape[1])
+            eps, _ = _model_eps(model, x_next, t, y)
             x_next = math.sqrt(abar_to) * _x0_hat(x, eps, abar_from, False) + math.sqrt(1.0 - abar_to) * eps
         x = x_next
     return x

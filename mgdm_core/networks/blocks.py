@@ -1,7 +1,7 @@
 """Building blocks shared by the diffusion UNet and the noisy classifier.
 
 The block structure follows openai/guided-diffusion (`unet.py`) so that parameter counts match
-the original MGDM release: GroupNorm(32) residual blocks conditioned on a timestep embedding
+the original MGDM release: GroupNorm residual blocks conditioned on a timestep embedding
 (optionally FiLM-style scale-shift), multi-head self-attention over the flattened feature map,
 and stride-2 down/up-sampling. Unlike the original, every resampling takes odd sizes: down-sampling
 rounds up (7 -> 4) and up-sampling goes to an explicit target size (4 -> 7).
@@ -17,7 +17,22 @@ from torch import Tensor, nn
 
 from mgdm_core.errors import ConfigError
 
-GROUPNORM_GROUPS = 32
+MAX_NORM_GROUPS = 32  # guided-diffusion's GroupNorm32
+MIN_CHANNELS_PER_GROUP = 4
+
+
+def norm_groups(channels: int) -> int:
+    """GroupNorm groups for a layer of `channels`: the most groups (at most 32) of >= 4 channels each.
+
+    guided-diffusion always uses 32 groups and assumes >= 128 channels (4 per group). At the
+    narrow widths a CPU can train (32-64 channels), 32 groups hold 1-2 channels each, which is
+    nearly instance norm; keeping >= 4 channels per group normalises over comparable statistics
+    at every width, and gives exactly the original's 32 groups from 128 channels up.
+    """
+    for groups in range(min(MAX_NORM_GROUPS, channels // MIN_CHANNELS_PER_GROUP), 0, -1):
+        if channels % groups == 0:
+            return groups
+    return 1
 
 
 def downsampled_size(size: int) -> int:
@@ -49,19 +64,13 @@ def check_layout(
 ) -> list[int]:
     """Validate an encoder layout shared by the UNet and the classifier; returns the level sizes.
 
-    Checks that every level is reachable, that GroupNorm(32) divides every channel count, that each
+    Checks that every level is reachable, that each
     attention resolution is one of the level sizes (in pixels), and that attention heads divide the
     channels where attention runs (including the middle block at the coarsest level).
     """
     if not channel_mult:
         raise ConfigError("channel_mult: needs at least one level")
     sizes = level_sizes(image_size, len(channel_mult))
-    for mult in channel_mult:
-        if (width * mult) % GROUPNORM_GROUPS:
-            raise ConfigError(
-                f"width: width * channel_mult = {width} * {mult} = {width * mult} channels "
-                f"is not divisible by GroupNorm's {GROUPNORM_GROUPS} groups"
-            )
     unreachable = sorted(set(attention_resolutions) - set(sizes), reverse=True)
     if unreachable:
         raise ConfigError(
@@ -93,8 +102,8 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Ten
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups, computed in float32 even under autocast (as the original's GroupNorm32)."""
-    return _Float32GroupNorm(GROUPNORM_GROUPS, channels)
+    """GroupNorm with `norm_groups(channels)` groups, computed in float32 even under autocast (as the original's GroupNorm32)."""
+    return _Float32GroupNorm(norm_groups(channels), channels)
 
 
 class _Float32GroupNorm(nn.GroupNorm):

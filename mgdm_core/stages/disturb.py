@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mgdm_core import distributed
+from mgdm_core import distributed, progress
 from mgdm_core.config import Params
 from mgdm_core.data.loaders import from_model_tensor, to_model_tensor
 from mgdm_core.device import autocast, resolve_device
@@ -43,6 +43,7 @@ def _batched(fn, x: torch.Tensor, y: torch.Tensor, batch_size: int, desc: str) -
     out = []
     for start in tqdm(range(0, len(x), batch_size), desc=desc, unit="batch", disable=not distributed.is_main()):
         out.append(fn(x[start : start + batch_size], y[start : start + batch_size]))
+        progress.report(f"disturb: {desc}", min(start + batch_size, len(x)), len(x))
     return torch.cat(out) if out else x
 
 
@@ -72,7 +73,10 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
 
     with autocast(device):
         latents = _batched(lambda x, y: ddim_invert(unet, x, schedule, y=y, refine=d.inversion_refine), x0, y_src, d.batch_size, "invert")
-        recon = _batched(lambda x, y: ddim_sample(unet, x, schedule, y=y), latents, y_src, d.batch_size, "round trip")
+        # The round trip decodes with exactly the step the inversion inverts (unclipped unless
+        # disturb.clip_denoised), so its error measures the inversion, not a clipping mismatch.
+        recon = _batched(lambda x, y: ddim_sample(unet, x, schedule, y=y, clip_denoised=d.clip_denoised).clamp(-1, 1),
+                         latents, y_src, d.batch_size, "round trip")
     latents, recon = latents.float(), recon.float()
     roundtrip = (recon - x0).abs().flatten(1).mean(1).cpu().numpy()  # mean |error| on the [-1, 1] scale
     latent_mean = latents.flatten(1).mean(1).cpu().numpy()
@@ -107,7 +111,8 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
             idx = torch.as_tensor(np.flatnonzero(todo), device=device)
             with autocast(device):
                 decoded = _batched(
-                    lambda x, y: ddim_sample(unet, x, schedule, y=y, guidance=guidance, scale=d.scale),
+                    lambda x, y: ddim_sample(unet, x, schedule, y=y, guidance=guidance, scale=d.scale,
+                                             clip_denoised=d.clip_denoised).clamp(-1, 1),
                     latents[idx], y_tgt[idx], d.batch_size, f"decode ({measure})",
                 )
             for k, image in zip(idx.tolist(), from_model_tensor(decoded.float().cpu())):

@@ -57,7 +57,7 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
         drop = (torch.rand(b, generator=gen) < hp.p_uncond).to(device)
         y = torch.where(drop, torch.full_like(y_all[idx], null_class), y_all[idx])
         x0, t, y, noise = (distributed.rank_slice(v) for v in (x0, t, y, noise))
-        loss, _ = hybrid_loss(net, schedule, x0, t, y, noise)
+        loss, _ = hybrid_loss(net, schedule, x0, t, y, noise, weighting=hp.mse_weighting)
         return loss.mean()
 
     training = TrainingRun(
@@ -69,6 +69,8 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
                 "data": data.digest, "seed": params.seed},
         tracker=tracker,
         layout=layout,
+        snapshot_dir=layout.diffusion_snapshots_dir,
+        snapshot_config=config.model_dump(mode="json"),
     )
     result = training.train(model, loss_fn, steps=hp.steps, lr=hp.lr, weight_decay=hp.weight_decay,
                             ema_decay=hp.ema_decay, device=device, seed=params.seed,
@@ -94,7 +96,9 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     class_grid(from_model_tensor(samples.cpu()), y.cpu().numpy(), data.class_names, grid, per_class,
                title=f"EMA samples after {hp.steps} steps (unguided DDPM, 100 steps)")
     tracker.log_artifact(grid, "samples")
-    tracker.log_artifact(layout.diffusion_model, "model")
+    # An MLflow model (pytorch flavour) with its architecture and training config; the .pt file
+    # itself is a DVC output.
+    tracker.log_model(ema, "diffusion", {"architecture": config.model_dump(mode="json"), **training.config})
 
     metrics = {"final_loss": final_loss(result), "steps": hp.steps, "resumed_from_step": result.resumed_from_step,
                "parameters_millions": n_params / 1e6}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import io as _io
 import json
 from collections.abc import Callable
@@ -11,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from mgdm_core import distributed
+from mgdm_core import distributed, progress
 from mgdm_core.io import atomic_write, ensure_writable_dir, remove_stale_temps, write_json_atomic
 from mgdm_core.layout import Layout
 from mgdm_core.plots import curve
 from mgdm_core.stages.common import log
 from mgdm_core.tracking import Tracker
-from mgdm_core.training.checkpoint import load_checkpoint
+from mgdm_core.training.checkpoint import load_checkpoint, save_checkpoint
 from mgdm_core.training.loop import TrainResult, balanced_batch_indices, train_loop
 
 CHECKPOINT = "checkpoint.pt"
@@ -49,6 +50,10 @@ class TrainingRun:
     config: dict
     tracker: Tracker
     layout: Layout
+    # When set, the EMA weights are also kept at every checkpoint as `step_{completed:07d}.pt` in
+    # this directory (with `snapshot_config` as their model config, loadable like the final model).
+    snapshot_dir: Path | None = None
+    snapshot_config: dict | None = None
 
     @property
     def checkpoint_path(self) -> Path:
@@ -72,6 +77,8 @@ class TrainingRun:
             log.warning("%s: discarding %s because %s; training from scratch", self.stage, self.checkpoint_path, reason)
             self.checkpoint_path.unlink()
             (self.checkpoint_dir / CURVE).unlink(missing_ok=True)
+            if self.snapshot_dir is not None:
+                shutil.rmtree(self.snapshot_dir, ignore_errors=True)
 
     def train(self, model: torch.nn.Module, loss_fn, *, steps: int, log_every: int, **loop_args) -> TrainResult:
         """Train (resuming when possible). Under torchrun, rank 0 alone touches the checkpoint
@@ -92,7 +99,10 @@ class TrainingRun:
             points[step] = values
             self.tracker.log_metrics(values, step=step)
             write_json_atomic(curve_path, points)
+            progress.report(self.stage, step, steps)
 
+        if self.snapshot_dir is not None:
+            loop_args["on_checkpoint"] = self._save_snapshot
         result = train_loop(
             model=model, loss_fn=loss_fn, steps=steps, checkpoint_path=self.checkpoint_path,
             config=self.config, kind=self.kind, on_log=on_log, log_every=log_every, **loop_args,
@@ -102,6 +112,12 @@ class TrainingRun:
                 self.tracker.set_tags({"resumed_from_step": result.resumed_from_step})
             self._write_curve(points)
         return result
+
+    def _save_snapshot(self, completed: int, ema_model: torch.nn.Module) -> None:
+        assert self.snapshot_dir is not None
+        ensure_writable_dir(self.snapshot_dir)
+        save_checkpoint(self.snapshot_dir / f"step_{completed:07d}.pt", kind=self.kind,
+                        config=self.snapshot_config or self.config, state={"model": ema_model.state_dict()})
 
     def _write_curve(self, points: dict[int, dict[str, float]]) -> None:
         steps = sorted(points)
