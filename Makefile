@@ -40,5 +40,12 @@ bench: install
 serve: install
 	PREFECT_HOME=$(abspath .prefect) $(BIN)/python -m flows.serve --port $(PREFECT_PORT)
 
+## mlflow-ui: the MLflow UI on the store the stages log to: MLFLOW_TRACKING_URI when set (a database URI;
+## an http(s) tracking server serves its own UI), else the project's mlruns.db
+MLFLOW_PORT ?= 5000
 mlflow-ui: install
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlruns.db) --host 127.0.0.1 --port 5000
+	@uri="$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath mlruns.db)}"; \
+	case "$$uri" in \
+	  http://*|https://*) echo "MLFLOW_TRACKING_URI is the tracking server $$uri: open it, it serves the UI";; \
+	  *) echo "mlflow ui on $$uri"; exec $(BIN)/mlflow ui --backend-store-uri "$$uri" --host 127.0.0.1 --port $(MLFLOW_PORT);; \
+	esac
