@@ -133,3 +133,30 @@ def test_generate_with_other_parameters_replaces_earlier_outputs(smoke):
     assert len(rows) == 3
     pngs = sorted(p for p in layout.stage1_dir.rglob("*.png"))
     assert len(pngs) == 3
+
+
+def test_dropping_a_measure_removes_its_set_and_later_stages_read_only_the_named_ones(smoke):
+    import shutil
+
+    from mgdm_core.errors import ConfigError, DataError
+    from mgdm_core.stages import evaluate, quality
+    from mgdm_core.stages.common import load_prepared
+
+    params, layout, _, _ = smoke
+    assert set(params.disturb.measures) == {"entropy", "margin"} and layout.stage2_measure_dir("margin").is_dir()
+    only_entropy = params.with_overrides({"disturb.measure": "entropy"})
+    run_stage("disturb", only_entropy, layout)
+    assert sorted(p.name for p in layout.stage2_dir.iterdir()) == ["entropy"]
+    assert not layout.plot_file("disturb_margin_pairs.png").exists()
+
+    # A stage-2 folder on disk that disturb.measure does not name is never read downstream.
+    shutil.copytree(layout.stage2_measure_dir("entropy"), layout.stage2_measure_dir("margin"))
+    assert {u.condition for u in evaluate.plan(only_entropy, layout)} == {"real", "real+stage1", "real+stage2:entropy"}
+    data = load_prepared(layout)
+    sets = quality.load_sets(layout, data.images, data.labels, data.num_classes, only_entropy.disturb.measures)
+    assert [s.name for s in sets] == ["real_val", "real_test", "stage1", "stage2_entropy"]
+    # Asking for a measure disturb did not produce is an error, not a silent read of old files.
+    with pytest.raises(ConfigError, match="disturb.measure"):
+        evaluate.plan(only_entropy.with_overrides({"evaluate.conditions": ["real", "real+stage2:margin"]}), layout)
+    with pytest.raises(DataError, match="least_confidence"):
+        quality.load_sets(layout, data.images, data.labels, data.num_classes, ("least_confidence",))

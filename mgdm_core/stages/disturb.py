@@ -6,6 +6,7 @@ round trip (DDIB's inversion error, ddib#9), then decoded once per measure.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,24 @@ def target_labels(labels: np.ndarray, class_map: dict[int, int], num_classes: in
         if not (0 <= source < num_classes and 0 <= target < num_classes):
             raise ConfigError(f"disturb.class_map: {source} -> {target} is outside the classes 0..{num_classes - 1}")
     return np.array([class_map.get(int(y), int(y)) for y in labels], dtype=np.int64)
+
+
+def remove_other_measures(layout: Layout, measures: tuple[str, ...]) -> list[str]:
+    """Remove stage-2 sets (and their pair plots) of measures `disturb.measure` no longer names.
+
+    DVC deletes a stage's outputs before rerunning it; under the CLI and Prefect a dropped measure's
+    folder would otherwise stay behind, images of an older stage 1 that nothing reads any more.
+    Returns the measures removed.
+    """
+    removed = []
+    if layout.stage2_dir.is_dir():
+        for folder in sorted(p for p in layout.stage2_dir.iterdir() if p.is_dir() and p.name not in measures):
+            shutil.rmtree(folder)
+            layout.plot_file(f"disturb_{folder.name}_pairs.png").unlink(missing_ok=True)
+            removed.append(folder.name)
+    if removed:
+        log.info("disturb: removed stage-2 sets no longer in disturb.measure: %s", ", ".join(removed))
+    return removed
 
 
 def _batched(fn, x: torch.Tensor, y: torch.Tensor, batch_size: int, desc: str) -> torch.Tensor:
@@ -95,6 +114,8 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
         "stage1_mean_entropy": float(src_entropy.mean()),
     }
     entropy_sets = {"real train": real_entropy, "stage 1": src_entropy}
+    if main:
+        remove_other_measures(layout, d.measures)
     for measure in d.measures:
         out = layout.stage2_measure_dir(measure)
         fingerprint = {"disturb": d.model_dump(mode="json"), "measure": measure, "seed": params.seed,

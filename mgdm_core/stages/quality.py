@@ -9,7 +9,17 @@ class and overall:
 * boundary: the reference classifier's entropy, margin and max probability, the rate of images
   predicted as another class than intended, and for stage 2 the change from each stage-1 source;
 * memorisation: each image's distance to its nearest real training image (pixels and features),
-  flagged when nearer than the `nn_percentile`-th percentile of real test images' distances.
+  flagged when nearer than the `nn_percentile`-th percentile of real test images' distances;
+* judged independently (`quality.judge`): class fidelity (the reference classifier's AUC and
+  balanced accuracy against the intended labels, recall per class), CAS (a `feature_network`
+  trained on the synthetic set alone, tested on the real test set, beside the same network
+  trained on the real training set), FD and KID as ratios to the real-validation floor, and the
+  fraction of saturated pixels;
+* quality by training step: FD and class fidelity of a small unguided sample from each chosen
+  EMA snapshot in `models/diffusion/snapshots` (`quality.by_step`), as a table and a curve.
+
+`metrics/quality.json` keeps the full table under `sets` and the headline figures under stable
+keys: `real.*`, `stage1.*`, `stage2.<measure>.*` and `by_step.*` (see `headline`).
 
 Synthetic manifests are DVC outputs of earlier stages, so per-image values are not added to
 them: they go to `reports/quality_images.csv` (one row per synthetic image).
@@ -36,15 +46,23 @@ from mgdm_core.errors import DataError  # noqa: E402
 from mgdm_core.io import atomic_write, ensure_writable_dir, read_image, read_manifest  # noqa: E402
 from mgdm_core.layout import Layout  # noqa: E402
 from mgdm_core.plots import histograms  # noqa: E402
-from mgdm_core.quality.features import features_and_probs, train_reference  # noqa: E402
+from mgdm_core.diffusion.schedule import make_schedule, respace  # noqa: E402
+from mgdm_core.errors import CheckpointError  # noqa: E402
+from mgdm_core.quality.by_step import balanced_labels, choose_snapshots, list_snapshots, unguided_sample  # noqa: E402
+from mgdm_core.quality.features import ReferenceClassifier, features_and_probs, train_reference  # noqa: E402
+from mgdm_core.quality.judge import (  # noqa: E402
+    SATURATED_HIGH, SATURATED_LOW, class_fidelity, classification_accuracy_score, floor_ratio, saturated_fraction,
+)
 from mgdm_core.quality.metrics import (  # noqa: E402
     frechet_distance, kernel_inception_distance, memorisation_threshold, nearest_neighbours, pixel_vectors,
     precision_recall, predictive_scores,
 )
-from mgdm_core.stages.common import load_prepared, log, write_metrics  # noqa: E402
+from mgdm_core.stages.common import Prepared, load_prepared, load_unet, log, seed_for, write_metrics  # noqa: E402
+from mgdm_core.training.checkpoint import load_checkpoint  # noqa: E402
 from mgdm_core.tracking import Tracker  # noqa: E402
 
-READS = ("seed", "device", "quality")
+# diffusion.schedule / diffusion.steps: the noise schedule the snapshots were trained with.
+READS = ("seed", "device", "diffusion.schedule", "diffusion.steps", "quality", "disturb.measure")
 
 REFERENCE_SETS = ("real_val", "real_test")  # real held-out splits: the noise floor
 
@@ -59,6 +77,7 @@ class ImageSet:
     files: list[str] = field(default_factory=list)
     rows: list[dict[str, str]] = field(default_factory=list)  # manifest rows (synthetic sets only)
     values: dict[str, np.ndarray] = field(default_factory=dict)
+    probs: np.ndarray | None = None  # the reference classifier's probabilities [N,K]
 
     @property
     def synthetic(self) -> bool:
@@ -76,15 +95,23 @@ def _manifest_set(name: str, manifest: Path, num_classes: int) -> ImageSet:
     return ImageSet(name, images, labels, [r["file"] for r in rows], rows)
 
 
-def load_sets(layout: Layout, images: dict[str, np.ndarray], labels: dict[str, np.ndarray], num_classes: int) -> list[ImageSet]:
-    """real_val, real_test, stage1 and stage2_<measure> for every stage-2 manifest present."""
+def load_sets(layout: Layout, images: dict[str, np.ndarray], labels: dict[str, np.ndarray], num_classes: int,
+              measures: tuple[str, ...] | None = None) -> list[ImageSet]:
+    """real_val, real_test, stage1 and stage2_<measure> for each of `measures` (the stage reads
+    `disturb.measure`; None: every stage-2 manifest present, for a folder judged on its own)."""
     stage1 = layout.stage1_dir / "manifest.csv"
     if not stage1.is_file():
         raise DataError(f"{stage1}: stage-1 manifest not found; run `mgdm generate` first")
     sets = [ImageSet(f"real_{s}", images[s], labels[s], [f"{s}[{i}]" for i in range(len(labels[s]))]) for s in ("val", "test")]
     sets.append(_manifest_set("stage1", stage1, num_classes))
-    for manifest in sorted(layout.stage2_dir.glob("*/manifest.csv")) if layout.stage2_dir.is_dir() else []:
-        sets.append(_manifest_set(f"stage2_{manifest.parent.name}", manifest, num_classes))
+    if measures is None:
+        found = sorted(layout.stage2_dir.glob("*/manifest.csv")) if layout.stage2_dir.is_dir() else []
+        measures = tuple(m.parent.name for m in found)
+    for measure in measures:
+        manifest = layout.stage2_measure_dir(measure) / "manifest.csv"
+        if not manifest.is_file():
+            raise DataError(f"{manifest}: stage-2 manifest of disturb.measure '{measure}' not found; run `mgdm disturb`")
+        sets.append(_manifest_set(f"stage2_{measure}", manifest, num_classes))
     return sets
 
 
@@ -149,6 +176,141 @@ def stage2_changes(s2: ImageSet, s1: ImageSet) -> dict[str, np.ndarray]:
     }
 
 
+def judge_sets(
+    sets: list[ImageSet], data: Prepared, *, network: str, epochs: int, batch_size: int, lr: float, seed: int,
+    device: Any,
+) -> dict[str, dict[str, Any]]:
+    """Class fidelity, CAS and saturation per set: {set name: {"fidelity", "cas", "saturated"}}.
+
+    The real sets' CAS entry is the network trained on the real training set (the same for
+    both), so every synthetic CAS row has its real counterpart beside it.
+    """
+    val, test = (data.images["val"], data.labels["val"]), (data.images["test"], data.labels["test"])
+
+    def cas(images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+        return classification_accuracy_score(images, labels, val=val, test=test, num_classes=data.num_classes,
+                                             network=network, epochs=epochs, batch_size=batch_size, lr=lr,
+                                             seed=seed, device=device)
+
+    real_cas = cas(data.images["train"], data.labels["train"])
+    log.info("quality: CAS of real training images (%s): AUC %s", network, _fmt(real_cas["auc"]))
+    judged = {}
+    for s in sets:
+        judged[s.name] = {"fidelity": class_fidelity(s.labels, s.probs),
+                          "cas": cas(s.images, s.labels) if s.synthetic else real_cas}
+        if s.synthetic:
+            log.info("quality: %s: fidelity AUC %s, CAS AUC %s", s.name, _fmt(judged[s.name]["fidelity"]["auc"]),
+                     _fmt(judged[s.name]["cas"]["auc"]))
+    return judged
+
+
+def judged_columns(s: ImageSet, judged: dict[str, Any], scope: str, class_index: int | None) -> dict[str, float | None]:
+    """The independent judges' columns of one (set, scope) row of the `sets` table."""
+    fidelity, cas = judged["fidelity"], judged["cas"]
+    images = s.images if class_index is None else s.images[s.labels == class_index]
+    out: dict[str, float | None] = {"saturated_fraction": saturated_fraction(images)}
+    if class_index is None:
+        out.update(fidelity_auc=_finite_or_none(fidelity["auc"]),
+                   fidelity_balanced_accuracy=_finite_or_none(fidelity["balanced_accuracy"]),
+                   cas_auc=_finite_or_none(cas["auc"]), cas_balanced_accuracy=_finite_or_none(cas["balanced_accuracy"]))
+    else:
+        recall = fidelity["recall"][class_index]
+        out.update(fidelity_recall=_finite_or_none(recall),
+                   fidelity_mismatch=None if recall is None else _finite(1.0 - recall),
+                   cas_recall=_finite_or_none(cas["recall"][class_index]))
+    return out
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return None if value is None else _finite(value)
+
+
+HEADLINE_KEYS = ("fidelity_auc", "fidelity_balanced_accuracy", "cas_auc", "cas_balanced_accuracy", "fd", "fd_ratio",
+                 "kid", "kid_ratio", "saturated_fraction")
+
+
+def headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """The stable headline keys of metrics/quality.json (dotted as `dvc metrics show` prints them):
+
+    real.{fidelity_auc, fidelity_balanced_accuracy, cas_auc, cas_balanced_accuracy, fd_floor, kid_floor,
+    saturated_fraction}: the reference classifier on the real test set, the CAS network trained on
+    the real training set, FD/KID of real validation to real test, saturation of real test images;
+    stage1.{HEADLINE_KEYS, fidelity_recall.<class>} and stage2.<measure>.{the same}.
+    """
+    sets, names = summary["sets"], summary["class_names"]
+    test, floor = sets["real_test"], sets["real_val"]
+
+    def row(entry: dict[str, Any]) -> dict[str, Any]:
+        out = {k: entry["overall"].get(k) for k in HEADLINE_KEYS}
+        out["fidelity_recall"] = {n: entry[n].get("fidelity_recall") for n in names}
+        return out
+
+    real = {k: test["overall"].get(k) for k in ("fidelity_auc", "fidelity_balanced_accuracy", "cas_auc",
+                                                  "cas_balanced_accuracy", "saturated_fraction")}
+    real.update(fd_floor=floor["overall"]["fd"], kid_floor=floor["overall"]["kid"],
+                fidelity_recall={n: test[n].get("fidelity_recall") for n in names})
+    return {"real": real, "stage1": row(sets["stage1"]),
+            "stage2": {n.removeprefix("stage2_"): row(e) for n, e in sets.items() if n.startswith("stage2_")}}
+
+
+# ---- quality by training step ----------------------------------------------------------------------
+
+BY_STEP_COLUMNS = ("step", "snapshot", "n", "fd", "fd_ratio", "fidelity_auc", "fidelity_balanced_accuracy",
+                   "saturated_fraction")
+
+
+def quality_by_step(
+    layout: Layout, data: Prepared, ref: ReferenceClassifier, test_feats: np.ndarray, fd_floor: float | None, *,
+    schedule_kind: str, schedule_steps: int, respacing: str, samples: int, max_snapshots: int, seed: int,
+    batch_size: int, device: Any,
+) -> dict[str, Any]:
+    """FD to the real test set (and its ratio to the floor) and class fidelity of `samples`
+    unguided images (balanced over the classes) from each chosen EMA snapshot.
+
+    Returns {"respacing", "samples", "found", "rows": [...], "skipped": [...], "note"}; rows are
+    empty (and `note` says why) when there is nothing to judge. Snapshots whose UNet config differs
+    from `models/diffusion.pt`'s (left in the persisted directory by an earlier run of another
+    architecture) are skipped and listed.
+    """
+    found = list_snapshots(layout.diffusion_snapshots_dir)
+    out: dict[str, Any] = {"respacing": respacing, "samples": samples, "found": len(found), "rows": [], "skipped": [],
+                           "note": None}
+    chosen = choose_snapshots(found, max_snapshots)
+    if not chosen:
+        out["note"] = ("quality.by_step_max_snapshots is 0" if max_snapshots == 0 else
+                       f"no EMA snapshots in {layout.relative(layout.diffusion_snapshots_dir)}")
+        return out
+    expected = load_checkpoint(layout.diffusion_model, kind="unet")[0] if layout.diffusion_model.is_file() else None
+    schedule = respace(make_schedule(schedule_kind, schedule_steps), respacing)
+    labels = balanced_labels(samples, data.num_classes)
+    seeds = [seed_for(seed, int(y), i) for i, y in enumerate(labels)]
+    shape = (data.channels, data.image_size, data.image_size)
+    for step, path in chosen:
+        try:
+            if expected is not None:
+                load_checkpoint(path, kind="unet", expected_config=expected)
+            unet = load_unet(path, device, data)
+        except CheckpointError as err:
+            log.warning("quality by step: skipping %s (%s)", path.name, str(err)[:200])
+            out["skipped"].append(path.name)
+            continue
+        images = unguided_sample(unet, schedule, labels, seeds, shape, device, batch_size)
+        feats, probs = features_and_probs(ref.model, images, device)
+        fidelity = class_fidelity(labels, probs)
+        fd = _finite(frechet_distance(feats, test_feats)) if len(feats) >= 2 else None
+        out["rows"].append({
+            "step": step, "snapshot": path.name, "n": len(labels), "fd": fd, "fd_ratio": floor_ratio(fd, fd_floor),
+            "fidelity_auc": _finite_or_none(fidelity["auc"]),
+            "fidelity_balanced_accuracy": _finite_or_none(fidelity["balanced_accuracy"]),
+            "saturated_fraction": saturated_fraction(images),
+        })
+        log.info("quality by step: step %d FD %s (x%s floor), fidelity AUC %s", step, _fmt(fd),
+                 _fmt(out["rows"][-1]["fd_ratio"]), _fmt(out["rows"][-1]["fidelity_auc"]))
+    if not out["rows"]:
+        out["note"] = f"all {len(chosen)} chosen snapshots were made with another UNet config than models/diffusion.pt"
+    return out
+
+
 def compute_quality(
     layout: Layout,
     *,
@@ -163,17 +325,26 @@ def compute_quality(
     kid_subsets: int = 50,
     kid_subset_size: int = 100,
     max_pairs: int = 8,
+    schedule_kind: str = "linear",
+    schedule_steps: int = 1000,
+    by_step_max_snapshots: int = 8,
+    by_step_samples: int = 64,
+    by_step_respacing: str = "50",
+    measures: tuple[str, ...] | None = None,
     tracker: Tracker | None = None,
 ) -> dict[str, Any]:
     """Compute every quality measure, write metrics/quality.json, reports/quality.md,
-    reports/quality_images.csv and plots/quality_*.png; log them to `tracker` when given.
+    reports/quality_images.csv, plots/quality_*.png and plots/quality_by_step.csv; log them to
+    `tracker` when given (by-step figures with MLflow's step = training step).
 
-    Returns the summary written to metrics/quality.json.
+    `schedule_kind` / `schedule_steps` are the diffusion schedule the EMA snapshots were trained
+    with. `measures`: the stage-2 sets judged (the stage passes `disturb.measure`; None: every
+    stage-2 manifest present). Returns the summary written to metrics/quality.json.
     """
     dev = resolve_device(device)
     data = load_prepared(layout)
     names = data.class_names
-    sets = load_sets(layout, data.images, data.labels, data.num_classes)
+    sets = load_sets(layout, data.images, data.labels, data.num_classes, measures)
     ref = train_reference(
         network=feature_network, train=(data.images["train"], data.labels["train"]),
         val=(data.images["val"], data.labels["val"]), test=(data.images["test"], data.labels["test"]),
@@ -184,8 +355,8 @@ def compute_quality(
     train_pixels = pixel_vectors(data.images["train"])
     feats: dict[str, np.ndarray] = {}
     for s in sets:
-        feats[s.name], probs = features_and_probs(ref.model, s.images, dev)
-        s.values.update(predictive_scores(probs))
+        feats[s.name], s.probs = features_and_probs(ref.model, s.images, dev)
+        s.values.update(predictive_scores(s.probs))
         s.values["nn_pixel_distance"], s.values["nn_train_index"] = nearest_neighbours(pixel_vectors(s.images), train_pixels)
         s.values["nn_feature_distance"], _ = nearest_neighbours(feats[s.name], train_feats)
     by_name = {s.name: s for s in sets}
@@ -201,46 +372,74 @@ def compute_quality(
         s.values["feature_near"] = s.values["nn_feature_distance"] < thresholds["feature"]
         if s.name.startswith("stage2_"):
             s.values.update(stage2_changes(s, by_name["stage1"]))
+    judged = judge_sets(sets, data, network=feature_network, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                        device=dev)
 
     summary: dict[str, Any] = {
         "reference": {"network": ref.network, "epochs": ref.epochs, "seed": ref.seed, "best_epoch": ref.best_epoch,
                       "val_auc": _finite(ref.val_auc), "test_auc": _finite(ref.test_auc),
                       "feature_dim": int(train_feats.shape[1])},
         "memorisation_thresholds": thresholds,
+        "saturation": {"low": SATURATED_LOW, "high": SATURATED_HIGH},
         "pr_k": pr_k,
         "class_names": list(names),
         "sets": {},
     }
+    # real_val first: its FD/KID to real test are the floor the other rows are divided by.
     for s in sets:
         entry: dict[str, Any] = {}
         for scope, mask in [("overall", np.ones(len(s.labels), bool))] + [(n, s.labels == c) for c, n in enumerate(names)]:
             test_mask = np.ones(len(test.labels), bool) if scope == "overall" else test.labels == names.index(scope)
             train_mask = np.ones(len(data.labels["train"]), bool) if scope == "overall" else data.labels["train"] == names.index(scope)
+            distances = distribution_metrics(feats[s.name][mask], feats["real_test"][test_mask], train_feats[train_mask],
+                                             k=pr_k, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed,
+                                             against_test=s.name != "real_test")
+            floor = summary["sets"]["real_val"][scope] if s.name != "real_val" else distances
             entry[scope] = {
                 **per_image_summary({k: v[mask] for k, v in s.values.items()}, s.labels[mask]),
-                **distribution_metrics(feats[s.name][mask], feats["real_test"][test_mask], train_feats[train_mask],
-                                       k=pr_k, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed,
-                                       against_test=s.name != "real_test"),
+                **distances,
+                "fd_ratio": floor_ratio(distances["fd"], floor["fd"]),
+                "kid_ratio": floor_ratio(distances["kid"], floor["kid"]),
+                **judged_columns(s, judged[s.name], scope, None if scope == "overall" else names.index(scope)),
             }
         summary["sets"][s.name] = entry
+    summary.update(headline(summary))
+    summary["by_step"] = quality_by_step(
+        layout, data, ref, feats["real_test"], summary["real"]["fd_floor"], schedule_kind=schedule_kind,
+        schedule_steps=schedule_steps, respacing=by_step_respacing, samples=by_step_samples,
+        max_snapshots=by_step_max_snapshots, seed=seed, batch_size=batch_size, device=dev,
+    )
 
     write_metrics(layout, "quality", summary)
     artifacts = write_outputs(layout, summary, sets, data.images["train"], max_pairs)
     if tracker is not None:
         tracker.log_metrics(flat_metrics(summary))
+        for row in summary["by_step"]["rows"]:
+            tracker.log_metrics({f"by_step.{k}": row[k] for k in BY_STEP_COLUMNS[3:] if row[k] is not None}, step=row["step"])
         for path in [layout.metrics_file("quality"), *artifacts]:
             tracker.log_artifact(path, "quality")
     return summary
 
 
 def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """`<set>.<scope>.<metric>` -> value for MLflow (defined values only; class names sanitised)."""
+    """For MLflow (defined values only; class names sanitised): `<set>.<scope>.<metric>` for the
+    full table, `reference.*`, and the headline keys `real.*`, `stage1.*`, `stage2.<measure>.*`."""
     flat = {f"reference.{k}": v for k, v in summary["reference"].items() if isinstance(v, (int, float))}
     for name, entry in summary["sets"].items():
         for scope, values in entry.items():
             for metric, value in values.items():
                 if isinstance(value, (int, float)):
                     flat[f"{name}.{scope}.{metric}".replace(" ", "_")] = float(value)
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}", value)
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            flat[prefix.replace(" ", "_")] = float(node)
+
+    for section in ("real", "stage1", "stage2"):
+        walk(section, summary[section])
     return flat
 
 
@@ -299,8 +498,95 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
+def judged_section(summary: dict[str, Any]) -> list[str]:
+    """The independent judges' tables: one row per set, then one per (set, class)."""
+    ref, sat = summary["reference"], summary["saturation"]
+    lines = [
+        "## Judged independently", "",
+        f"Never the guiding classifier. **Fidelity**: the reference classifier on each set against its intended "
+        f"labels (AUC: binary from the probability of label 1, macro one-vs-rest for more classes; balanced "
+        f"accuracy and recall at the MedMNIST threshold); the real rows are the same classifier on real images. "
+        f"**CAS** (classification accuracy score, Ravuri & Vinyals 2019): a `{ref['network']}` trained on the set "
+        f"alone ({ref['epochs']} epochs, epoch chosen on real validation AUC), tested on the real test set; the "
+        f"real rows show it trained on the real training set. **FD / floor**, **KID / floor**: FD and KID to the "
+        f"real test set divided by those of the real validation set (the floor: {_fmt(summary['real']['fd_floor'])} "
+        f"FD; KID / floor is – when the floor's KID is not positive). **Saturated**: fraction of pixel values "
+        f"<= {sat['low']} or >= {sat['high']} (uint8; <= {sat['low']}/255 or >= {sat['high']}/255 on [0, 1]).", "",
+        "| set | fidelity AUC | fidelity bal. acc. | CAS AUC | CAS bal. acc. | FD | FD / floor | KID / floor | saturated |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    keys = ("fidelity_auc", "fidelity_balanced_accuracy", "cas_auc", "cas_balanced_accuracy", "fd", "fd_ratio",
+            "kid_ratio", "saturated_fraction")
+    for name, entry in summary["sets"].items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(entry["overall"].get(k)) for k in keys) + " |")
+    lines += ["", "Per class: fidelity recall is the share of the class's images the reference classifier assigns "
+              "to it (mismatch = 1 - recall); CAS recall is the CAS network's recall on that class of the real test set.",
+              "", "| set | class | n | fidelity recall | mismatch | CAS recall | FD / floor | saturated |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, entry in summary["sets"].items():
+        for cls in summary["class_names"]:
+            row = entry[cls]
+            lines.append(f"| {name} | {cls} | " + " | ".join(_fmt(row.get(k)) for k in (
+                "n", "fidelity_recall", "fidelity_mismatch", "cas_recall", "fd_ratio", "saturated_fraction")) + " |")
+    return lines + [""]
+
+
+def by_step_section(by_step: dict[str, Any], picture: Any) -> list[str]:
+    """The quality-by-training-step table and curve, or the one line saying why there is none."""
+    lines = ["## Quality by training step", ""]
+    if not by_step["rows"]:
+        return lines + [f"Skipped: {by_step['note']}.", ""]
+    lines += [
+        f"{by_step['samples']} unguided, class-conditional DDPM images (respacing \"{by_step['respacing']}\", classes "
+        f"balanced, the same seeds at every step) from {len(by_step['rows'])} of {by_step['found']} EMA snapshots. "
+        "FD grows as the sample shrinks, so compare steps with each other, not with the stage-1 row above.", "",
+        "| step | FD | FD / floor | fidelity AUC | fidelity bal. acc. | saturated |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [f"| {r['step']} | " + " | ".join(_fmt(r[k]) for k in BY_STEP_COLUMNS[3:]) + " |" for r in by_step["rows"]]
+    if by_step["skipped"]:
+        lines += ["", f"Skipped (another UNet config than models/diffusion.pt): {', '.join(by_step['skipped'])}."]
+    if picture is not None:
+        lines += ["", f"![quality by training step]({picture})"]
+    return lines + [""]
+
+
+def by_step_plot(rows: list[dict[str, Any]], real_auc: float | None, path: Path, note: str | None) -> None:
+    """Two panels over the training step: FD / floor (1 = as close as two real splits) and fidelity AUC."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    steps = [r["step"] for r in rows]
+    for ax, key, label, reference, ref_label in (
+        (axes[0], "fd_ratio", "FD / real-validation floor", 1.0, "floor (real val vs real test)"),
+        (axes[1], "fidelity_auc", "reference-classifier AUC (intended labels)", real_auc, "real test"),
+    ):
+        values = [np.nan if r[key] is None else r[key] for r in rows]
+        if rows:
+            ax.plot(steps, values, marker="o")
+        if reference is not None:
+            ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label=ref_label)
+            ax.legend(fontsize=8)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+    if note:
+        fig.text(0.5, 0.5, f"no curve: {note}", ha="center", va="center", fontsize=9)
+    fig.suptitle("quality by training step (unguided EMA samples)", fontsize=10)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def by_step_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = _io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(BY_STEP_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if r[k] is None else r[k]) for k in BY_STEP_COLUMNS} for r in rows)
+    return buffer.getvalue()
+
+
 def markdown_report(summary: dict[str, Any], pictures: dict[str, str]) -> str:
     """reports/quality.md: tables per topic, pictures referenced relative to reports/."""
+    pictures = dict(pictures)  # the by-step curve goes to its own section, the rest to "Pictures"
     ref, thr = summary["reference"], summary["memorisation_thresholds"]
     lines = [
         "# Synthetic image quality", "",
@@ -308,6 +594,8 @@ def markdown_report(summary: dict[str, Any], pictures: dict[str, str]) -> str:
         f"{ref['best_epoch']}, validation AUC {_fmt(ref['val_auc'])}, **test AUC {_fmt(ref['test_auc'])}** "
         f"(trained on real training images only; its {ref['feature_dim']}-d penultimate activations are the feature space).",
         "`real_val` and `real_test` are real held-out images: their rows are the noise floor.", "",
+        *judged_section(summary),
+        *by_step_section(summary["by_step"], pictures.pop("quality by training step", None)),
     ]
     scopes = ["overall", *summary["class_names"]]
     tables = [
@@ -362,6 +650,11 @@ def write_outputs(layout: Layout, summary: dict[str, Any], sets: list[ImageSet],
         [f"{c[2].name}\n{'FLAG ' if not c[1] else ''}{c[0]:.3f}" for c in candidates], pairs,
         f"{flagged} flagged (memorised) shown; nearest synthetic images vs their nearest training image")
     pictures["nearest training images"] = pairs
+    by_step = summary["by_step"]
+    curve_png, curve_csv = layout.plot_file("quality_by_step.png"), layout.plot_file("quality_by_step.csv")
+    by_step_plot(by_step["rows"], summary["real"]["fidelity_auc"], curve_png, by_step["note"])
+    _write_text(curve_csv, by_step_csv(by_step["rows"]))
+    pictures["quality by training step"] = curve_png
 
     report = layout.reports_dir / "quality.md"
     _write_text(report, markdown_report(summary, {k: Path("..") / layout.relative(p) for k, p in pictures.items()}))
@@ -371,7 +664,7 @@ def write_outputs(layout: Layout, summary: dict[str, Any], sets: list[ImageSet],
     writer.writerows(image_rows(sets, tuple(summary["class_names"])))
     table = layout.reports_dir / "quality_images.csv"
     _write_text(table, buffer.getvalue())
-    return [report, table, *pictures.values()]
+    return [report, table, curve_csv, *pictures.values()]
 
 
 def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, Any]:
@@ -379,5 +672,8 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, Any]:
     return compute_quality(
         layout, feature_network=q.feature_network, epochs=q.epochs, batch_size=q.batch_size, lr=q.lr,
         seed=params.seed * 1000 + q.seed, device=params.device, nn_percentile=q.nn_percentile, pr_k=q.pr_k,
-        kid_subsets=q.kid_subsets, kid_subset_size=q.kid_subset_size, max_pairs=q.max_pairs, tracker=tracker,
+        kid_subsets=q.kid_subsets, kid_subset_size=q.kid_subset_size, max_pairs=q.max_pairs,
+        schedule_kind=params.diffusion.schedule, schedule_steps=params.diffusion.steps,
+        by_step_max_snapshots=q.by_step_max_snapshots, by_step_samples=q.by_step_samples,
+        by_step_respacing=q.by_step_respacing, measures=params.disturb.measures, tracker=tracker,
     )
