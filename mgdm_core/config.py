@@ -164,6 +164,9 @@ class EvaluateParams(Section):
     lr: float = Field(1e-3, gt=0)
     synthetic_ratio: float = Field(0.5, gt=0)  # synthetic images added per real training image
     workers: int = Field(1, ge=1)  # units trained at once, each in its own process
+    # Downstream classifiers saved as MLflow models: none, the best seed (validation AUC) of
+    # every (network, condition), or all units.
+    log_models: Literal["none", "best", "all"] = "best"
 
     @field_validator("conditions")
     @classmethod

@@ -1,4 +1,5 @@
-"""Quality measures: distances behave as distances, memorisation flags copies, the stage core runs."""
+"""Quality measures: distances behave as distances, memorisation flags copies, the independent
+judges (fidelity, CAS) give real images the real rows, the stage core runs, by training step too."""
 
 from __future__ import annotations
 
@@ -7,17 +8,26 @@ import json
 import math
 from pathlib import Path
 
+import shutil
+
 import numpy as np
 import pytest
+import torch
 
 from mgdm_core.data.phantom import generate_phantom, phantom_class_names
+from mgdm_core.evaluation.metrics import auc
 from mgdm_core.io import save_npz_atomic, write_json_atomic, write_manifest, write_png
 from mgdm_core.layout import Layout
+from mgdm_core.networks.unet import UNet, UNetConfig
+from mgdm_core.quality.by_step import balanced_labels, choose_snapshots
+from mgdm_core.quality.judge import class_fidelity, floor_ratio, saturated_fraction
 from mgdm_core.quality.metrics import (
     frechet_distance, kernel_inception_distance, memorisation_threshold, nearest_neighbours, pixel_vectors,
     precision_recall, predictive_scores,
 )
-from mgdm_core.stages.quality import compute_quality
+from mgdm_core.stages.quality import compute_quality, flat_metrics
+from mgdm_core.tracking import NullTracker
+from mgdm_core.training.checkpoint import save_checkpoint
 
 RNG = np.random.default_rng(0)
 BASE = RNG.normal(size=(400, 8))
@@ -132,3 +142,154 @@ def test_compute_quality_on_fake_layout(tmp_path: Path) -> None:
     report = (layout.reports_dir / "quality.md").read_text()
     for picture in ("quality_entropy.png", "quality_nearest.png"):
         assert f"../plots/{picture}" in report and layout.plot_file(picture).is_file()
+
+
+# ---- judged independently -------------------------------------------------------------------------
+
+def test_saturated_fraction_counts_both_ends_within_one_grey_level() -> None:
+    image = np.array([0, 1, 2, 127, 253, 254, 255, 128], dtype=np.uint8).reshape(1, 2, 4, 1)
+    assert saturated_fraction(image) == pytest.approx(4 / 8)  # 0, 1, 254, 255
+    assert saturated_fraction(np.full((3, 5, 5, 1), 128, np.uint8)) == 0.0
+    assert saturated_fraction(np.zeros((0, 5, 5, 1), np.uint8)) is None
+
+
+def test_floor_ratio_divides_by_a_positive_floor_only() -> None:
+    assert floor_ratio(8.2, 0.33) == pytest.approx(8.2 / 0.33)
+    assert floor_ratio(1e-3, -2e-4) is None  # KID of two real splits can be negative: no scale
+    assert floor_ratio(None, 0.33) is None and floor_ratio(1.0, None) is None
+
+
+def test_class_fidelity_of_faithful_wrong_and_one_class_sets() -> None:
+    labels = np.array([0, 0, 0, 1, 1])
+    faithful = np.eye(2)[labels] * 0.8 + 0.1
+    assert class_fidelity(labels, faithful) == {"auc": 1.0, "balanced_accuracy": 1.0, "recall": [1.0, 1.0]}
+    # Everything called class 0, the BreastMNIST failure: minority recall 0, balanced accuracy 0.5.
+    benign = np.tile([0.9, 0.1], (5, 1))
+    fid = class_fidelity(labels, benign)
+    assert fid["recall"] == [1.0, 0.0] and fid["balanced_accuracy"] == 0.5 and fid["auc"] == 0.5
+    one_class = class_fidelity(np.array([1, 1]), np.array([[0.2, 0.8], [0.7, 0.3]]))
+    assert one_class["auc"] is None and one_class["recall"] == [None, 0.5]
+    # More classes: macro one-vs-rest AUC, as the evaluation metrics define it.
+    labels3 = np.array([0, 1, 2, 2])
+    probs3 = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.2, 0.7], [0.5, 0.1, 0.4]])
+    assert class_fidelity(labels3, probs3)["auc"] == pytest.approx(auc(labels3, probs3))
+
+
+def _judged_layout(root: Path) -> Layout:
+    """Stage 1 is a copy of the real training set, the `entropy` measure a copy of the real test set."""
+    layout = _fake_layout(root)
+    names = phantom_class_names(2)
+    shutil.rmtree(layout.stage1_dir)
+    shutil.rmtree(layout.stage2_dir)
+    source = ""
+    for split, directory in (("train", layout.stage1_dir), ("test", layout.stage2_measure_dir("entropy"))):
+        with np.load(layout.split_file(split)) as arrays:
+            images, labels = arrays["images"], arrays["labels"]
+        rows = []
+        for i, (img, y) in enumerate(zip(images, labels)):
+            file = f"{names[y]}/{i:04d}.png"
+            write_png(directory / file, img)
+            rows.append({"file": file, "class": names[y], "label": int(y), "source": source, "guidance": "",
+                         "scale": "", "seed": i, "confidence": "", "entropy": ""})
+        write_manifest(directory / "manifest.csv", rows)
+        source = f"stage1/{rows[0]['file']}"  # any stage-1 image will do as the stage-2 rows' source
+    return layout
+
+
+def test_real_images_posing_as_synthetic_get_the_real_rows(tmp_path: Path) -> None:
+    layout = _judged_layout(tmp_path)
+    summary = compute_quality(layout, epochs=2, batch_size=16, seed=0, device="cpu", kid_subsets=5, kid_subset_size=8)
+    real, stage1, copy_of_test = summary["real"], summary["stage1"], summary["stage2"]["entropy"]
+    # Fidelity: the reference classifier on a copy of the real test set is the real row.
+    assert real["fidelity_auc"] == summary["reference"]["test_auc"]
+    for key in ("fidelity_auc", "fidelity_balanced_accuracy"):
+        assert copy_of_test[key] == real[key] and math.isfinite(real[key])
+    assert copy_of_test["fidelity_recall"] == real["fidelity_recall"]
+    # CAS: the same network trained on a copy of the real training set is the real row.
+    for key in ("cas_auc", "cas_balanced_accuracy"):
+        assert stage1[key] == real[key] and math.isfinite(real[key])
+    assert stage1["saturated_fraction"] == pytest.approx(saturated_fraction(np.load(layout.split_file("train"))["images"]))
+    assert real["saturated_fraction"] == pytest.approx(saturated_fraction(np.load(layout.split_file("test"))["images"]))
+
+
+def test_fd_and_kid_ratios_divide_by_the_real_validation_floor(tmp_path: Path) -> None:
+    layout = _fake_layout(tmp_path)
+    summary = compute_quality(layout, epochs=1, batch_size=16, seed=0, device="cpu", kid_subsets=5, kid_subset_size=8,
+                              by_step_max_snapshots=0)
+    sets = summary["sets"]
+    for scope in ("overall", *summary["class_names"]):
+        floor = sets["real_val"][scope]
+        assert floor["fd_ratio"] == pytest.approx(1.0)
+        assert sets["stage1"][scope]["fd_ratio"] == pytest.approx(sets["stage1"][scope]["fd"] / floor["fd"])
+        assert sets["real_test"][scope]["fd_ratio"] is None  # no distance of the test set to itself
+        expected_kid = sets["stage1"][scope]["kid"] / floor["kid"] if floor["kid"] > 0 else None
+        assert sets["stage1"][scope]["kid_ratio"] == (pytest.approx(expected_kid) if expected_kid else None)
+    assert summary["real"]["fd_floor"] == sets["real_val"]["overall"]["fd"]
+    assert summary["stage1"]["fd_ratio"] == sets["stage1"]["overall"]["fd_ratio"]
+    report = (layout.reports_dir / "quality.md").read_text()
+    assert "## Judged independently" in report and "Skipped: quality.by_step_max_snapshots is 0." in report
+    flat = flat_metrics(summary)
+    assert flat["stage1.fd_ratio"] == summary["stage1"]["fd_ratio"]
+    assert flat["stage2.entropy.cas_auc"] == summary["stage2"]["entropy"]["cas_auc"]
+
+
+# ---- quality by training step -----------------------------------------------------------------------
+
+def test_choose_snapshots_spreads_evenly_and_keeps_the_last() -> None:
+    snaps = [(s, Path(f"step_{s:07d}.pt")) for s in range(100, 1100, 100)]  # 10 snapshots
+    assert [s for s, _ in choose_snapshots(snaps, 4)] == [100, 400, 700, 1000]
+    assert [s for s, _ in choose_snapshots(snaps, 1)] == [1000]
+    assert choose_snapshots(snaps, 20) == snaps and choose_snapshots(snaps, 0) == []
+    assert balanced_labels(7, 3).tolist() == [0, 0, 0, 1, 1, 2, 2]
+
+
+class RecordingTracker(NullTracker):
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[dict, int | None]] = []
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.logged.append((dict(metrics), step))
+
+
+def test_quality_by_step_judges_each_snapshot(tmp_path: Path) -> None:
+    layout = _fake_layout(tmp_path)
+    config = {"image_size": 16, "in_channels": 1, "num_classes": 2, "width": 32, "channel_mult": [1],
+              "num_res_blocks": 1, "attention_resolutions": [], "num_heads": 1, "num_head_channels": -1,
+              "dropout": 0.0, "scale_shift_norm": True, "resblock_updown": True, "learn_sigma": True}
+    torch.manual_seed(0)
+    state = {"model": UNet(UNetConfig(**config)).state_dict()}
+    save_checkpoint(layout.diffusion_model, kind="unet", config=config, state=state)
+    for step in (5, 10):  # the same weights twice: the same seeds must give the same row
+        save_checkpoint(layout.diffusion_snapshots_dir / f"step_{step:07d}.pt", kind="unet", config=config, state=state)
+    other = {**config, "learn_sigma": False}  # left by an earlier run of another architecture
+    save_checkpoint(layout.diffusion_snapshots_dir / "step_0000001.pt", kind="unet", config=other,
+                    state={"model": UNet(UNetConfig(**other)).state_dict()})
+    tracker = RecordingTracker()
+    summary = compute_quality(layout, epochs=1, batch_size=16, seed=0, device="cpu", kid_subsets=5, kid_subset_size=8,
+                              schedule_steps=100, by_step_samples=6, by_step_respacing="4", tracker=tracker)
+    by_step = summary["by_step"]
+    assert by_step["found"] == 3 and by_step["skipped"] == ["step_0000001.pt"]
+    rows = by_step["rows"]
+    assert [r["step"] for r in rows] == [5, 10] and all(r["n"] == 6 for r in rows)
+    assert rows[0]["fd"] == rows[1]["fd"] and math.isfinite(rows[0]["fd"])
+    assert rows[0]["fd_ratio"] == pytest.approx(rows[0]["fd"] / summary["real"]["fd_floor"])
+    assert rows[0]["fidelity_auc"] == rows[1]["fidelity_auc"]
+    with open(layout.plot_file("quality_by_step.csv"), newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in table] == [5, 10]
+    assert float(table[1]["fd_ratio"]) == pytest.approx(rows[1]["fd_ratio"])
+    assert layout.plot_file("quality_by_step.png").is_file()
+    report = (layout.reports_dir / "quality.md").read_text()
+    assert "## Quality by training step" in report and "| 10 |" in report and "../plots/quality_by_step.png" in report
+    stepped = [(m, s) for m, s in tracker.logged if s is not None]
+    assert [s for _, s in stepped] == [5, 10] and stepped[0][0]["by_step.fd"] == rows[0]["fd"]
+
+
+def test_quality_by_step_without_snapshots_says_so(tmp_path: Path) -> None:
+    layout = _fake_layout(tmp_path)
+    summary = compute_quality(layout, epochs=1, batch_size=16, seed=0, device="cpu", kid_subsets=5, kid_subset_size=8)
+    assert summary["by_step"]["rows"] == [] and "no EMA snapshots" in summary["by_step"]["note"]
+    assert "Skipped: no EMA snapshots in models/diffusion/snapshots." in (layout.reports_dir / "quality.md").read_text()
+    assert layout.plot_file("quality_by_step.csv").read_text().startswith("step,snapshot,n,fd,fd_ratio")
+    assert layout.plot_file("quality_by_step.png").is_file()  # dvc.yaml lists it: it always exists
