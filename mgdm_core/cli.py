@@ -60,6 +60,7 @@ def _repro(args: argparse.Namespace) -> int:
     params = load_params(args.params)  # fail fast on bad parameters, before DVC starts anything
     root = Path(args.params).resolve().parent
     parent = tracking.open_pipeline_run(root, "pipeline", {"dataset": dataset_name(params), "front_door": "dvc"})
+    parent.log_params(params.model_dump(mode="json"))  # the full resolved parameters, dotted keys
     env = {**os.environ, tracking.PARENT_ENV: parent.run_id}
     env.pop("MLFLOW_RUN_ID", None)  # it would override our explicit parent (mlflow#15713)
     dvc_args = [a for a in args.dvc_args if a != "--"]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mgdm_core import distributed
+from mgdm_core import distributed, progress
 from mgdm_core.config import Params
 from mgdm_core.data.loaders import from_model_tensor
 from mgdm_core.device import autocast, resolve_device
@@ -68,7 +68,10 @@ def sample_batches(
         y = torch.tensor([j.label for j in batch], device=device)
         x_T = initial_noise(seeds, image_shape, device, torch.float32)
         noise = PerImageNoise(seeds, device)
-        step_done = lambda _info: bar.update(1)  # noqa: E731
+        def step_done(_info) -> None:
+            bar.update(1)
+            progress.report("generate", bar.n, bar.total)
+
         scale = g.scale if g.guidance == "classifier" else 0.0
         with autocast(device):
             if g.sampler == "ddim":

@@ -111,7 +111,9 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
                "parameters_millions": sum(p.numel() for p in ema.parameters()) / 1e6,
                **{f"val_balanced_accuracy_{k}": v for k, v in accuracy.items()}}
     tracker.log_metrics(metrics)
-    tracker.log_artifact(layout.classifier_model, "model")
+    # An MLflow model (pytorch flavour) with its architecture and training config; the .pt file
+    # itself is a DVC output.
+    tracker.log_model(ema, "classifier", {"architecture": config.model_dump(mode="json"), **training.config})
     write_metrics(layout, "train_classifier", metrics)
     log.info("classifier validation balanced accuracy by noise level: %s", {k: round(v, 3) for k, v in accuracy.items()})
     return metrics
