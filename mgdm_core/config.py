@@ -211,11 +211,10 @@ class QualityParams(Section):
     kid_subsets: int = Field(50, ge=2)
     kid_subset_size: int = Field(100, ge=2)
     max_pairs: int = Field(8, ge=1)  # nearest-neighbour pairs shown in the report
-    # Quality by training step: EMA snapshots judged (evenly chosen, always the last; 0: none),
-    # unguided images drawn from each (classes balanced) and the DDPM respacing they are drawn with.
-    by_step_max_snapshots: int = Field(8, ge=0)
-    by_step_samples: int = Field(64, ge=2)
-    by_step_respacing: str = "50"
+    # Quality by training step, from the EMA snapshots train_diffusion saves at its checkpoints:
+    by_step_max_snapshots: int = Field(8, ge=0)  # snapshots judged, evenly chosen, always the last (0: none)
+    by_step_samples: int = Field(64, ge=2)  # unguided images per snapshot, classes balanced, same seeds each step
+    by_step_respacing: str = "50"  # DDPM respacing the by-step images are drawn with
 
 
 class LauncherParams(Section):

@@ -190,7 +190,7 @@ def _judged_layout(root: Path) -> Layout:
             file = f"{names[y]}/{i:04d}.png"
             write_png(directory / file, img)
             rows.append({"file": file, "class": names[y], "label": int(y), "source": source, "guidance": "",
-                         "scale": "", "seed": i, "confidence": "", "entropy": ""})
+                         "scale": "", "seed": i, "confidence": "", "entropy": "", "roundtrip_error": "0"})
         write_manifest(directory / "manifest.csv", rows)
         source = f"stage1/{rows[0]['file']}"  # any stage-1 image will do as the stage-2 rows' source
     return layout
@@ -275,6 +275,8 @@ def test_quality_by_step_judges_each_snapshot(tmp_path: Path) -> None:
     assert rows[0]["fd"] == rows[1]["fd"] and math.isfinite(rows[0]["fd"])
     assert rows[0]["fd_ratio"] == pytest.approx(rows[0]["fd"] / summary["real"]["fd_floor"])
     assert rows[0]["fidelity_auc"] == rows[1]["fidelity_auc"]
+    assert by_step["first"] == rows[0] and by_step["last"] == rows[1]
+    assert json.loads(layout.metrics_file("quality").read_text())["by_step"]["last"]["step"] == 10
     with open(layout.plot_file("quality_by_step.csv"), newline="") as handle:
         table = list(csv.DictReader(handle))
     assert [int(r["step"]) for r in table] == [5, 10]

@@ -112,6 +112,26 @@ def test_mlflow_holds_one_child_run_per_stage_and_one_per_evaluation_unit(smoke)
     assert "auc" in units[0].data.metrics
 
 
+def test_quality_judges_every_set_and_the_snapshots_train_diffusion_saved(smoke):
+    params, layout, metrics, parent_id = smoke
+    quality = json.loads(layout.metrics_file("quality").read_text())
+    for row in [quality["stage1"], *(quality["stage2"][m] for m in params.disturb.measures)]:
+        for key in ("fidelity_auc", "cas_auc", "fd_ratio", "saturated_fraction"):
+            assert 0 <= row[key] < float("inf"), key
+    assert 0 <= quality["real"]["cas_auc"] <= 1 and quality["real"]["fd_floor"] > 0
+    # One row per EMA snapshot of the smoke run (it has fewer than by_step_max_snapshots).
+    snapshots = sorted(layout.diffusion_snapshots_dir.glob("step_*.pt"))
+    steps = [row["step"] for row in quality["by_step"]["rows"]]
+    assert snapshots and steps == [int(p.stem.removeprefix("step_")) for p in snapshots]
+    assert quality["by_step"]["last"]["step"] == steps[-1] <= params.train_diffusion.steps
+    assert layout.plot_file("quality_by_step.csv").read_text().count("\n") == 1 + len(steps)
+    client, experiment_id = tracking.connect(layout.root)
+    run = next(r for r in client.search_runs([experiment_id], max_results=500)
+               if r.data.tags.get("mlflow.parentRunId") == parent_id and r.data.tags["stage"] == "quality")
+    history = client.get_metric_history(run.info.run_id, "by_step.fd_ratio")
+    assert sorted(m.step for m in history) == steps
+
+
 def test_generate_rerun_fills_in_only_missing_images(smoke):
     params, layout, _, _ = smoke
     rows = read_manifest(layout.stage1_dir / "manifest.csv")

@@ -267,14 +267,15 @@ def quality_by_step(
     """FD to the real test set (and its ratio to the floor) and class fidelity of `samples`
     unguided images (balanced over the classes) from each chosen EMA snapshot.
 
-    Returns {"respacing", "samples", "found", "rows": [...], "skipped": [...], "note"}; rows are
-    empty (and `note` says why) when there is nothing to judge. Snapshots whose UNet config differs
+    Returns {"respacing", "samples", "found", "rows": [...], "skipped": [...], "note", "first",
+    "last"} (first/last: the earliest and latest rows); rows are empty, first/last null and `note`
+    says why when there is nothing to judge. Snapshots whose UNet config differs
     from `models/diffusion.pt`'s (left in the persisted directory by an earlier run of another
     architecture) are skipped and listed.
     """
     found = list_snapshots(layout.diffusion_snapshots_dir)
     out: dict[str, Any] = {"respacing": respacing, "samples": samples, "found": len(found), "rows": [], "skipped": [],
-                           "note": None}
+                           "note": None, "first": None, "last": None}
     chosen = choose_snapshots(found, max_snapshots)
     if not chosen:
         out["note"] = ("quality.by_step_max_snapshots is 0" if max_snapshots == 0 else
@@ -308,6 +309,8 @@ def quality_by_step(
                  _fmt(out["rows"][-1]["fd_ratio"]), _fmt(out["rows"][-1]["fidelity_auc"]))
     if not out["rows"]:
         out["note"] = f"all {len(chosen)} chosen snapshots were made with another UNet config than models/diffusion.pt"
+    # Stable headline keys (by_step.first.*, by_step.last.*); null when no snapshot was judged.
+    out["first"], out["last"] = (out["rows"][0], out["rows"][-1]) if out["rows"] else (None, None)
     return out
 
 
