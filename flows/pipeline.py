@@ -11,14 +11,18 @@ is explained in docs/prefect.md.
 
 import base64
 import hashlib
+import contextlib
 import json
+import logging
 import os
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, runtime, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
+                               update_progress_artifact)
 from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture
 from prefect.states import State
@@ -26,17 +30,20 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from pydantic import BaseModel, ConfigDict, Field
 
 import mgdm_core
-from mgdm_core import tracking
-from mgdm_core.config import Measure, Params, load_params
+from mgdm_core import progress, tracking
+from mgdm_core.config import MEASURES, Measure, Params, load_params
 from mgdm_core.errors import ConfigError, MgdmError
+from mgdm_core.evaluation.networks import NETWORKS
 from mgdm_core.layout import Layout
 from mgdm_core.launch import run_stage
-from mgdm_core.stages import reads, stage_module
+from mgdm_core.stages import STAGES, reads, stage_module
 from mgdm_core.stages import evaluate as evaluate_stage
 from mgdm_core.stages.common import dataset_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The flow's own pool runs the two trainings side by side (threads: torch releases the GIL).
+# The flow's own pool runs every stage task in a worker process (spawned), as `dvc repro` runs each
+# stage in its own process: torch's RNG is per process, so the two trainings, side by side, give
+# the models `dvc repro` gives (in threads they shared one RNG and interleaved by timing).
 # The evaluation units fan out through the runner `PipelineOptions.task_runner` picks (processes by
 # default, see `grid_task_runner`). `python -m flows.serve --max-workers N` (or this variable)
 # sizes both for a bigger machine.
@@ -46,32 +53,19 @@ GridRunner = Literal["processes", "dask", "threads"]
 _INDEPENDENT = ("train_diffusion", "train_classifier")
 
 
-class PipelineOptions(BaseModel):
-    """The run form. `None` (empty in the UI) means "as params.yaml (and the profile) says"."""
+NetworkChoice = Literal[NETWORKS]  # type: ignore[valid-type]  # the networks evaluate can build
+ConditionChoice = Literal[("real", "real+classic", "real+stage1", "real+stage2",  # type: ignore[valid-type]
+                           *(f"real+stage2:{m}" for m in MEASURES), "synthetic")]
 
-    model_config = ConfigDict(extra="forbid")
 
-    project_root: str = Field(str(REPO_ROOT), description="Folder holding params.yaml; outputs are written here")
-    profile: str | None = Field(None, description="A profiles/<name>.yaml merged over params.yaml, e.g. smoke")
-    data_source: Literal["phantom", "npz", "imagefolder", "medmnist"] | None = None
-    data_path: str | None = Field(None, description="npz file or image-folder root, relative to the project root")
-    data_flag: str | None = Field(None, description="medmnist data set flag, e.g. breastmnist")
-    guidance: Literal["classifier", "cfg", "none"] | None = Field(None, description="stage-1 guidance")
-    guidance_scale: float | None = Field(None, description="stage-1 guidance scale")
-    measures: list[Measure] | None = Field(None, description="stage-2 uncertainty measure(s)")
-    disturb_scale: float | None = Field(None, description="stage-2 uncertainty guidance scale")
-    counts: list[int] | None = Field(None, description="synthetic images per class (stage 1)")
-    networks: list[str] | None = Field(None, description="downstream networks, e.g. resnet18")
-    seeds: list[int] | None = Field(None, description="downstream training seeds")
-    device: str | None = Field(None, description="auto, cpu, cuda or cuda:N")
-    extra_overrides: dict[str, Any] = Field(
-        default_factory=dict, description='any other dotted params key, e.g. {"evaluate.epochs": 5}'
-    )
-    task_runner: GridRunner = Field(
-        "processes", description="how the evaluation units run: processes (bit-reproducible), dask (a local Dask "
-        "cluster, or the scheduler at dask_address), threads (NOT bit-reproducible: torch's RNG is shared)")
-    dask_address: str | None = Field(None, description="an existing Dask scheduler, e.g. tcp://scheduler:8786 "
-                                     "(task_runner=dask); empty: a local cluster")
+def _defaults_from(path: Path) -> Params:
+    """The parameters the form shows as its defaults: params.yaml when the flow is loaded (that is,
+    when `flows.serve` or a worker imports this module), else the built-in defaults."""
+    try:
+        return load_params(path)
+    except (MgdmError, OSError) as exc:
+        logging.getLogger("mgdm").warning("run form: %s unreadable (%s); showing built-in defaults", path, exc)
+        return Params()
 
 
 # Form field -> dotted params key (the same keys `Params.with_overrides` and `dvc exp run -S` take).
@@ -79,27 +73,97 @@ OVERRIDE_KEYS: dict[str, str] = {
     "data_source": "data.source",
     "data_path": "data.path",
     "data_flag": "data.flag",
+    "diffusion_steps": "train_diffusion.steps",
+    "classifier_steps": "train_classifier.steps",
     "guidance": "generate.guidance",
     "guidance_scale": "generate.scale",
+    "counts": "generate.counts",
     "measures": "disturb.measure",
     "disturb_scale": "disturb.scale",
-    "counts": "generate.counts",
     "networks": "evaluate.networks",
+    "conditions": "evaluate.conditions",
     "seeds": "evaluate.seeds",
+    "epochs": "evaluate.epochs",
+    "synthetic_ratio": "evaluate.synthetic_ratio",
     "device": "device",
 }
+_OPTIONAL_PATHS = ("data_path", "data_flag")  # "" in the form is null in params.yaml
+
+
+def form_values(params: Params) -> dict[str, Any]:
+    """The form fields' values for `params` (lists for tuples, "" for null)."""
+    raw = params.model_dump(mode="json")
+    values: dict[str, Any] = {}
+    for field, key in OVERRIDE_KEYS.items():
+        section, _, name = key.rpartition(".")
+        value = raw[section][name] if section else raw[name]
+        if key == "disturb.measure":
+            value = list(params.disturb.measures)
+        values[field] = "" if value is None and field in _OPTIONAL_PATHS else value
+    return values
+
+
+_FORM_DEFAULTS = form_values(_defaults_from(REPO_ROOT / "params.yaml"))
+
+
+class PipelineOptions(BaseModel):
+    """The run form. Every field starts at the value params.yaml holds (when the deployment was
+    served); a field left at that value is not an override, so the run uses params.yaml and the
+    profile as they are when it starts. Change a field to override that key for this run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project_root: str = Field(str(REPO_ROOT), description="Folder holding params.yaml; outputs are written here")
+    profile: str = Field("", description="A profiles/<name>.yaml merged over params.yaml (smoke, gpu, breastmnist); "
+                         "empty: none")
+    data_source: Literal["phantom", "npz", "imagefolder", "medmnist"] = Field(
+        _FORM_DEFAULTS["data_source"], description="data.source")
+    data_path: str = Field(_FORM_DEFAULTS["data_path"], description="data.path: npz file or image-folder root, "
+                           "relative to the project root (empty: none)")
+    data_flag: str = Field(_FORM_DEFAULTS["data_flag"], description="data.flag: medmnist data set, e.g. breastmnist")
+    diffusion_steps: int = Field(_FORM_DEFAULTS["diffusion_steps"], ge=1, description="train_diffusion.steps")
+    classifier_steps: int = Field(_FORM_DEFAULTS["classifier_steps"], ge=1, description="train_classifier.steps")
+    guidance: Literal["classifier", "cfg", "none"] = Field(_FORM_DEFAULTS["guidance"],
+                                                          description="generate.guidance (stage 1)")
+    guidance_scale: float = Field(_FORM_DEFAULTS["guidance_scale"], description="generate.scale (stage 1)")
+    counts: list[int] = Field(_FORM_DEFAULTS["counts"], description="generate.counts: images per class "
+                              "(generate.mode counts)")
+    measures: list[Measure] = Field(_FORM_DEFAULTS["measures"], min_length=1,
+                                    description="disturb.measure: stage-2 uncertainty measure(s)")
+    disturb_scale: float = Field(_FORM_DEFAULTS["disturb_scale"], description="disturb.scale (stage 2)")
+    networks: list[NetworkChoice] = Field(_FORM_DEFAULTS["networks"], min_length=1,
+                                          description="evaluate.networks: downstream networks")
+    conditions: list[ConditionChoice] = Field(_FORM_DEFAULTS["conditions"], min_length=1,
+                                              description="evaluate.conditions (real is the baseline)")
+    seeds: list[int] = Field(_FORM_DEFAULTS["seeds"], min_length=1, description="evaluate.seeds")
+    epochs: int = Field(_FORM_DEFAULTS["epochs"], ge=1, description="evaluate.epochs")
+    synthetic_ratio: float = Field(_FORM_DEFAULTS["synthetic_ratio"], gt=0,
+                                   description="evaluate.synthetic_ratio: synthetic images per real training image")
+    device: str = Field(_FORM_DEFAULTS["device"], description="device: auto, cpu, cuda or cuda:N")
+    extra_overrides: dict[str, Any] = Field(
+        default_factory=dict, description='any other dotted params key, e.g. {"evaluate.batch_size": 32}'
+    )
+    task_runner: GridRunner = Field(
+        "processes", description="how the evaluation units run: processes (bit-reproducible), dask (a local Dask "
+        "cluster, or the scheduler at dask_address), threads (NOT bit-reproducible: torch's RNG is shared)")
+    dask_address: str = Field("", description="an existing Dask scheduler, e.g. tcp://scheduler:8786 "
+                              "(task_runner=dask); empty: a local cluster")
 
 
 def overrides_of(options: PipelineOptions) -> dict[str, Any]:
-    """The dotted-key overrides this form asks for (unset fields are left to params.yaml)."""
-    chosen = {key: getattr(options, field) for field, key in OVERRIDE_KEYS.items() if getattr(options, field) is not None}
+    """The dotted-key overrides this form asks for: the fields changed from the form's defaults."""
+    chosen = {}
+    for field, key in OVERRIDE_KEYS.items():
+        value = getattr(options, field)
+        if value != _FORM_DEFAULTS[field]:
+            chosen[key] = None if value == "" and field in _OPTIONAL_PATHS else value
     return {**chosen, **options.extra_overrides}
 
 
 def resolve_params(options: PipelineOptions) -> Params:
     """params.yaml + profile + form overrides, validated; never written back to params.yaml."""
     root = Path(options.project_root).expanduser().resolve()
-    return load_params(root / "params.yaml", options.profile).with_overrides(overrides_of(options))
+    return load_params(root / "params.yaml", options.profile or None).with_overrides(overrides_of(options))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,10 +277,58 @@ def _mlflow_run_of(layout: Layout, task_run_id: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Tasks.
 
+CORE_LOGGERS = ("mgdm", "mgdm_core")
+
+
+def attach_core_loggers() -> None:
+    """Send the core's log records to this run's log view, wherever the flow runs (a worker, a
+    task-runner process), as PREFECT_LOGGING_EXTRA_LOGGERS does for `make serve`: give the core's
+    loggers the handlers of Prefect's `prefect.extra` logger. Idempotent."""
+    handlers = logging.getLogger("prefect.extra").handlers
+    for name in CORE_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in handlers:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+
+
+class ProgressArtifact:
+    """A `mgdm_core.progress` reporter that keeps one Prefect progress artifact per stage up to date
+    (created at the first report, updated at most every `every` seconds and at 100%)."""
+
+    def __init__(self, stage: str, every: float = 2.0):
+        self.stage, self.every = stage, every
+        self.artifact_id = None
+        self.last, self.shown = 0.0, -1.0
+
+    def __call__(self, task: str, done: int, total: int) -> None:
+        percent = round(100.0 * min(done, total) / total, 1)
+        now = time.monotonic()
+        description = f"{task}: {done} of {total}"
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(
+                percent, key=f"mgdm-progress-{self.stage.replace('_', '-')}", description=description)
+        elif percent != self.shown and (percent >= 100.0 or now - self.last >= self.every):
+            update_progress_artifact(self.artifact_id, percent, description=description)
+        else:
+            return
+        self.last, self.shown = now, percent
+
+
 @task(cache_key_fn=_stage_cache_key, persist_result=True, task_run_name="{stage}", **_RETRIES)
 def stage_task(stage: str, params: Params, layout: Layout, parent_run_id: str | None, tags: dict[str, str]) -> dict[str, Any]:
+    attach_core_loggers()
     task_run_id = str(runtime.task_run.id)
-    metrics = run_stage(stage, params, layout, parent_run_id=parent_run_id, tags={**tags, "prefect_task_run_id": task_run_id})
+    try:
+        with progress.reporting(ProgressArtifact(stage)):
+            metrics = run_stage(stage, params, layout, parent_run_id=parent_run_id,
+                                tags={**tags, "prefect_task_run_id": task_run_id})
+    except Exception as exc:
+        with contextlib.suppress(AttributeError):
+            exc.mgdm_stage = stage  # which stage failed, for the flow's failure artifact
+        raise
     # The outputs digest travels with the cached result so a later run can tell whether the
     # files on disk are still the ones this result describes (see `_run_stage`).
     return {"stage": stage, "metrics": metrics, "mlflow_run_id": _mlflow_run_of(layout, task_run_id),
@@ -230,6 +342,7 @@ def plan_task(params: Params, layout: Layout) -> list[evaluate_stage.Unit]:
 
 @task(cache_key_fn=_unit_cache_key, persist_result=True, task_run_name="evaluate: {unit.name}", **_RETRIES)
 def unit_task(unit: evaluate_stage.Unit, params: Params, layout: Layout, stage_run_id: str) -> dict[str, Any]:
+    attach_core_loggers()
     return evaluate_stage.run_unit(unit, params, layout, tracking.attach(layout.root, stage_run_id), progress=False)
 
 
@@ -314,11 +427,16 @@ def _run_evaluate(params: Params, layout: Layout, parent_run_id: str | None, tag
             "cached_units": cached, "total_units": grid["total_units"]}
 
 
-@flow(name="mgdm-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS), log_prints=False)
+@flow(name="mgdm-pipeline", task_runner=ProcessPoolTaskRunner(max_workers=MAX_WORKERS), log_prints=False)
 def mgdm_pipeline(options: PipelineOptions = PipelineOptions()) -> dict[str, Any]:
     """prepare -> train_diffusion | train_classifier -> generate -> disturb -> quality -> evaluate (grid in parallel)."""
-    params = resolve_params(options)  # a ConfigError fails the run at once, naming the key
-    grid_task_runner(options.task_runner, MAX_WORKERS, options.dask_address)  # fail now, not after training
+    attach_core_loggers()
+    try:
+        params = resolve_params(options)  # a ConfigError fails the run at once, naming the key
+        grid_task_runner(options.task_runner, MAX_WORKERS, options.dask_address)  # fail now, not after training
+    except Exception as exc:
+        _failure_artifact("parameters", exc)
+        raise
     layout = Layout(Path(options.project_root).expanduser())
     flow_run_id = str(runtime.flow_run.id)
     tags = {"prefect_flow_run_id": flow_run_id}
@@ -342,8 +460,11 @@ def mgdm_pipeline(options: PipelineOptions = PipelineOptions()) -> dict[str, Any
         run("quality")
         evaluation = _run_evaluate(params, layout, parent.run_id, tags, options.task_runner, options.dask_address)
         stages["evaluate"] = (evaluation, "ran" if evaluation["cached_units"] < evaluation["total_units"] else "cached")
-    except BaseException:
+    except BaseException as exc:
         parent.finish("FAILED")
+        # The stage a task reported, else the first stage that has no result.
+        failed = getattr(exc, "mgdm_stage", None) or next((n for n in STAGES if n not in stages), "evaluate")
+        _failure_artifact(failed, exc, parent)
         raise
     parent.set_tags({f"prefect_{name}": how for name, (_, how) in stages.items()})
     parent.finish("FINISHED")
@@ -364,6 +485,18 @@ def _params_artifact(options: PipelineOptions, params: Params) -> None:
                   f"| override | value |\n| --- | --- |\n{rows}\n\n"
                   f"```json\n{json.dumps(params.model_dump(mode='json'), indent=2)}\n```\n"),
     )
+
+
+def _failure_artifact(stage: str, error: BaseException, parent: "tracking.Tracker | None" = None) -> None:
+    """A failed run says which stage failed and why (the one-line message of a user error)."""
+    kind = "a problem with the input or parameters" if isinstance(error, MgdmError) else "an unexpected error"
+    mlflow = f"\n\nMLflow pipeline run: `{parent.run_id}`" if parent is not None else ""
+    with contextlib.suppress(Exception):  # the report must not hide the error itself
+        create_markdown_artifact(
+            key="mgdm-failure", description=f"mgdm: stage {stage} failed",
+            markdown=(f"# Stage `{stage}` failed\n\n{kind}:\n\n```\n{type(error).__name__}: {error}\n```"
+                      f"{mlflow}\n\nThe task's log holds the traceback."),
+        )
 
 
 def _mlflow_link(layout: Layout, experiment_id: str, run_id: str | None) -> str:

@@ -33,12 +33,29 @@ def prefect_env(home: Path | None = None) -> dict[str, str]:
     return env
 
 
+def server_settings(host: str, port: int) -> dict[str, str]:
+    """Settings that make the server, its UI and the runner agree on the address.
+
+    The UI asks the server for its API URL (`/ui-settings`), which Prefect derives from
+    PREFECT_UI_API_URL, else PREFECT_API_URL (often 4200 in a user's profile), else
+    PREFECT_SERVER_API_PORT, never from `prefect server start --port`: without these, a server on
+    another port serves a UI that calls 4200."""
+    api_url = f"http://{host}:{port}/api"
+    return {
+        "PREFECT_SERVER_API_HOST": host,
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_UI_API_URL": api_url,
+        "PREFECT_UI_URL": f"http://{host}:{port}",
+    }
+
+
 def start_server(host: str, port: int, env: dict[str, str], log_file: Path | None = None) -> subprocess.Popen:
     """`prefect server start` in its own process group, so stopping it also stops its workers."""
     out = open(log_file, "ab") if log_file else None
     return subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
-        env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True,
+        env={**os.environ, **env, **server_settings(host, port)}, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True,
     )
 
 
@@ -107,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         from flows.pipeline import mgdm_pipeline  # imported only now: prefect reads the settings above
 
         mgdm_pipeline.serve(name=args.name, limit=args.limit, tags=["mgdm"],
-                            description="MGDM pipeline: fill the form (empty = as params.yaml says) and run.")
+                            description="MGDM pipeline: the form starts at what params.yaml holds; change a "
+                                        "field to override it for this run.")
     except KeyboardInterrupt:
         pass
     finally:

@@ -66,11 +66,85 @@ def test_bad_override_is_a_config_error_naming_the_key(project: Path) -> None:
         resolve_params(PipelineOptions(project_root=str(project), extra_overrides={"disturb.scale": "x"}))
 
 
-def test_form_schema_is_typed_for_the_ui() -> None:
+def test_form_schema_is_typed_for_the_ui(repo_root: Path) -> None:
+    """Each field renders as its own input with params.yaml's value (no "str / None" toggles),
+    choices as drop-downs, covering the keys users change most."""
+    from mgdm_core.config import load_params
+    from mgdm_core.evaluation.networks import NETWORKS
+
     schema = pipeline.mgdm_pipeline.parameters.model_dump()
     options = schema["definitions"]["PipelineOptions"]["properties"]
     assert set(pipeline.OVERRIDE_KEYS) <= set(options)
-    assert "margin" in str(options["measures"])  # the measure list is an enum, a dropdown in the UI
+    assert {"train_diffusion.steps", "train_classifier.steps", "evaluate.epochs", "evaluate.conditions",
+            "evaluate.synthetic_ratio", "evaluate.networks", "disturb.scale"} <= set(pipeline.OVERRIDE_KEYS.values())
+    for name, field in options.items():
+        assert "anyOf" not in field and field.get("type") != "null", name  # a plain typed input
+    params = load_params(repo_root / "params.yaml")
+    assert options["epochs"]["default"] == params.evaluate.epochs and options["epochs"]["type"] == "integer"
+    assert options["diffusion_steps"]["default"] == params.train_diffusion.steps
+    assert options["synthetic_ratio"]["default"] == params.evaluate.synthetic_ratio
+    assert options["disturb_scale"]["default"] == params.disturb.scale
+    assert options["conditions"]["default"] == list(params.evaluate.conditions)
+    assert options["measures"]["default"] == list(params.disturb.measures)
+    assert options["networks"]["items"]["enum"] == list(NETWORKS)  # a multi-select of the fixed list
+    assert {"real", "real+stage2", "real+stage2:margin", "synthetic"} <= set(options["conditions"]["items"]["enum"])
+    assert options["guidance"]["enum"] == ["classifier", "cfg", "none"]
+    assert "margin" in options["measures"]["items"]["enum"]
+
+
+def test_a_field_left_at_its_default_lets_the_profile_decide(project: Path) -> None:
+    from mgdm_core.config import load_params
+
+    smoke = load_params(project / "params.yaml", "smoke")
+    options = PipelineOptions(**{**pipeline._FORM_DEFAULTS, "project_root": str(project), "profile": "smoke"})
+    assert overrides_of(options) == {} and resolve_params(options) == smoke  # e.g. the profile's epochs
+    changed = PipelineOptions(project_root=str(project), profile="smoke", epochs=3, data_path="x.npz")
+    assert overrides_of(changed) == {"evaluate.epochs": 3, "data.path": "x.npz"}
+
+
+def test_the_ui_calls_the_api_on_the_port_the_server_listens_on() -> None:
+    from flows.serve import server_settings
+
+    settings = server_settings("127.0.0.1", 4255)
+    assert settings["PREFECT_UI_API_URL"] == settings["PREFECT_API_URL"] == "http://127.0.0.1:4255/api"
+    assert settings["PREFECT_SERVER_API_PORT"] == "4255"
+
+
+def test_progress_reports_become_one_throttled_progress_artifact(monkeypatch) -> None:
+    import uuid
+
+    from mgdm_core import progress
+
+    calls: list[tuple] = []
+    artifact = uuid.uuid4()
+
+    def create(percent, key=None, description=None):
+        calls.append(("create", percent, key))
+        return artifact
+
+    monkeypatch.setattr(pipeline, "create_progress_artifact", create)
+    monkeypatch.setattr(pipeline, "update_progress_artifact",
+                        lambda artifact_id, percent, description=None: calls.append(("update", percent, artifact_id)))
+    clock = iter([0.0, 0.5, 1.0, 2.5, 2.6, 2.7])
+    monkeypatch.setattr(pipeline.time, "monotonic", lambda: next(clock))
+    with progress.reporting(pipeline.ProgressArtifact("train_diffusion", every=2.0)):
+        for step in (25, 50, 75, 100, 125, 200):  # of 200
+            progress.report("train_diffusion", step, 200)
+    progress.report("train_diffusion", 200, 200)  # outside the context: nobody listens
+    assert calls == [("create", 12.5, "mgdm-progress-train-diffusion"), ("update", 50.0, artifact),
+                     ("update", 100.0, artifact)]
+
+
+def test_core_logs_reach_the_run_log_view() -> None:
+    import logging
+
+    pipeline.attach_core_loggers()
+    pipeline.attach_core_loggers()  # idempotent
+    extra = logging.getLogger("prefect.extra").handlers
+    for name in pipeline.CORE_LOGGERS:
+        logger = logging.getLogger(name)
+        assert extra and all(logger.handlers.count(h) == 1 for h in extra)
+        assert logger.isEnabledFor(logging.INFO)
 
 
 def test_flow_loads_from_its_entrypoint_and_validates(repo_root: Path, project: Path, monkeypatch) -> None:
@@ -288,3 +362,46 @@ def test_served_deployment_runs_and_caches(project: Path, repo_root: Path, tmp_p
 
 def _tail(path: Path, lines: int = 60) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+# --- failed runs -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def harness():
+    """A temporary Prefect API (its own SQLite database) for flows called in this process."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def _failure_markdown(flow_run_id) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mgdm-failure"])),
+                                            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return artifact.data
+
+
+@pytest.mark.slow  # a temporary Prefect server: about 1.5 min to start on 2 busy cores
+def test_a_failed_run_leaves_an_artifact_naming_the_stage_and_why(harness, project: Path, monkeypatch) -> None:
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    bad_data = PipelineOptions(project_root=str(project), profile="smoke", data_source="npz", data_path="missing.npz")
+    state = pipeline.mgdm_pipeline(options=bad_data, return_state=True)
+    assert state.is_failed()
+    markdown = _failure_markdown(state.state_details.flow_run_id)
+    assert "Stage `prepare` failed" in markdown and "missing.npz" in markdown and "DataError" in markdown
+    # prepare refused its input before any work: the pipeline run is FAILED and no stage run was left.
+    mlflow = MlflowClient(f"sqlite:///{project / 'mlruns.db'}")
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("mgdm").experiment_id])
+    assert [(r.data.tags["kind"], r.info.status) for r in runs] == [("pipeline", "FAILED")]
+
+    bad_key = PipelineOptions(project_root=str(project), extra_overrides={"evaluate.nope": 1})
+    state = pipeline.mgdm_pipeline(options=bad_key, return_state=True)
+    assert state.is_failed()
+    markdown = _failure_markdown(state.state_details.flow_run_id)
+    assert "Stage `parameters` failed" in markdown and "evaluate.nope" in markdown
