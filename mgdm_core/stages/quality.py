@@ -565,6 +565,8 @@ def by_step_plot(rows: list[dict[str, Any]], real_auc: float | None, path: Path,
         values = [np.nan if r[key] is None else r[key] for r in rows]
         if rows:
             ax.plot(steps, values, marker="o")
+        if key == "fd_ratio" and any(v > 0 for v in values if np.isfinite(v)):
+            ax.set_yscale("log")  # ratios span decades on the way down to the floor (1)
         if reference is not None:
             ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label=ref_label)
             ax.legend(fontsize=8)
