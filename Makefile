@@ -7,7 +7,7 @@ PREFECT_PORT ?= 4200
 export PATH := $(abspath $(BIN)):$(PATH)
 export DO_NOT_TRACK := 1
 
-.PHONY: install demo test test-fast bench serve mlflow-ui clean-outputs
+.PHONY: install demo test test-fast bench gpu-check serve mlflow-ui clean-outputs
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,12 +18,10 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 
 install: $(BIN)/.installed
 
-## demo: dvc repro on params.yaml (or PROFILE=<name>: params.yaml merged with profiles/<name>.yaml)
+## demo: dvc repro on params.yaml; PROFILE=<name>: a DVC experiment with profiles/<name>.yaml's values as
+## `dvc exp run -S` overrides (params.yaml is left as it is; `dvc exp show` lists the run)
 demo: install
-ifneq ($(PROFILE),)
-	$(BIN)/mgdm profile $(PROFILE)
-endif
-	$(BIN)/mgdm repro
+	$(BIN)/mgdm repro $(if $(PROFILE),--profile $(PROFILE))
 	$(BIN)/dvc metrics show
 
 ## test: the whole suite (closed-form maths, stages, dvc repro on the smoke profile, Prefect)
@@ -35,6 +33,10 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_core.py
+
+## gpu-check: first thing to run on a GPU runner (CUDA, bf16, timed training and sampling, nccl DDP); exit 3 = no GPU
+gpu-check: install
+	$(BIN)/python scripts/gpu_check.py
 
 ## serve: a local Prefect server on 127.0.0.1 plus the pipeline deployment (Ctrl-C stops both)
 serve: install

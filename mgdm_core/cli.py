@@ -7,13 +7,18 @@ Errors a user can fix (bad parameters, bad data, bad checkpoints) print one line
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from mgdm_core.errors import MgdmError
+from pydantic import BaseModel
+
+from mgdm_core.errors import ConfigError, MgdmError
 from mgdm_core.stages import STAGES
 
 log = logging.getLogger("mgdm")
@@ -29,11 +34,13 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage, parents=[common], help=f"run the {stage} stage")
         p.add_argument("--profile", help="a profile merged over the parameters file (name under profiles/ or a path)")
         p.add_argument("--root", default=".", help="project root holding the outputs (default: .)")
-    p = sub.add_parser("repro", parents=[common], help="`dvc repro` inside one MLflow pipeline run")
-    p.add_argument("dvc_args", nargs=argparse.REMAINDER, help="extra arguments passed to dvc repro")
-    p = sub.add_parser("profile", parents=[common], help="write params.yaml merged with a profile (for DVC)")
+    p = sub.add_parser("repro", parents=[common], help="`dvc repro` (with --profile: `dvc exp run -S ...`) "
+                       "inside one MLflow pipeline run")
+    p.add_argument("--profile", help="run as a DVC experiment with the profile's values as -S overrides; "
+                   "the parameters file is left as it was")
+    p.add_argument("dvc_args", nargs=argparse.REMAINDER, help="extra arguments passed to dvc repro / dvc exp run")
+    p = sub.add_parser("profile", parents=[common], help="print the `dvc exp run -S ...` command a profile stands for")
     p.add_argument("name", help="profile name under profiles/ or a YAML path")
-    p.add_argument("--output", default=None, help="where to write (default: the --params file)")
     return parser
 
 
@@ -52,39 +59,105 @@ def _run_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def profile_overrides(params_path: Path, profile: Path) -> list[str]:
+    """The profile as Hydra overrides for `dvc exp run -S`, one per key it sets.
+
+    `++key=value` sets a key whether or not params.yaml holds it; a map value (`disturb.class_map`)
+    is first removed (`~key`) so that it replaces, as `config.deep_merge` does, rather than merges.
+    Applied to params.yaml they give exactly `load_params(params.yaml, profile)` (tested).
+    """
+    from mgdm_core.config import Params, read_yaml
+
+    base, wanted = read_yaml(params_path), read_yaml(profile)
+    sections = {name for name, field in Params.model_fields.items()
+                if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)}
+    leaves: list[tuple[str, object]] = []
+    for key, value in wanted.items():
+        if key in sections and isinstance(value, dict):
+            leaves += [(f"{key}.{sub}", v) for sub, v in value.items()]
+        else:
+            leaves.append((key, value))
+    overrides = []
+    for key, value in leaves:
+        if isinstance(value, dict):
+            section, _, name = key.partition(".")
+            if name in (base.get(section) or {}):
+                overrides.append(f"~{key}")
+            overrides.append(f"+{key}={_hydra_value(value)}")
+        else:
+            overrides.append(f"++{key}={_hydra_value(value)}")
+    return overrides
+
+
+def _hydra_value(value: object) -> str:
+    """A value in Hydra's override grammar: strings quoted (so "100" stays a string), lists, maps."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in value.items()) + "}"
+    raise ConfigError(f"profile value {value!r}: cannot pass a {type(value).__name__} to dvc exp run -S")
+
+
+@contextmanager
+def _restored(path: Path):
+    """`dvc exp run -S` writes the overrides into the parameters file and leaves them there; the
+    experiment (its commit under refs/exps) keeps them, the tracked file gets its bytes back."""
+    original = path.read_bytes()
+    try:
+        yield
+    finally:
+        if path.read_bytes() != original:
+            path.write_bytes(original)
+
+
 def _repro(args: argparse.Namespace) -> int:
     from mgdm_core import tracking
-    from mgdm_core.config import load_params
+    from mgdm_core.config import load_params, resolve_profile
     from mgdm_core.stages.common import dataset_name
 
-    params = load_params(args.params)  # fail fast on bad parameters, before DVC starts anything
-    root = Path(args.params).resolve().parent
-    parent = tracking.open_pipeline_run(root, "pipeline", {"dataset": dataset_name(params), "front_door": "dvc"})
+    params_path = Path(args.params).resolve()
+    root = params_path.parent
+    profile = resolve_profile(args.profile, root) if args.profile else None
+    params = load_params(params_path, profile)  # fail fast on bad parameters, before DVC starts anything
+    dvc_args = [a for a in args.dvc_args if a != "--"]
+    if profile is None:
+        command = ["dvc", "repro", *dvc_args]
+    else:
+        command = ["dvc", "exp", "run", *_set_params(params_path, profile), *dvc_args]
+    tags = {"dataset": dataset_name(params), "front_door": "dvc", **({"profile": args.profile} if profile else {})}
+    parent = tracking.open_pipeline_run(root, "pipeline", tags)
     parent.log_params(params.model_dump(mode="json"))  # the full resolved parameters, dotted keys
     env = {**os.environ, tracking.PARENT_ENV: parent.run_id}
     env.pop("MLFLOW_RUN_ID", None)  # it would override our explicit parent (mlflow#15713)
-    dvc_args = [a for a in args.dvc_args if a != "--"]
-    code = subprocess.call(["dvc", "repro", *dvc_args], cwd=root, env=env)
-    parent.finish("FINISHED" if code == 0 else "FAILED")
+    code = 1
+    try:
+        with _restored(params_path) if profile else nullcontext():
+            code = subprocess.call(command, cwd=root, env=env)
+    finally:
+        parent.finish("FINISHED" if code == 0 else "FAILED")
     log.info("MLflow pipeline run %s (%s)", parent.run_id, "finished" if code == 0 else "failed")
     return code
 
 
-def _profile(args: argparse.Namespace) -> int:
-    import yaml
+def _set_params(params_path: Path, profile: Path) -> list[str]:
+    return [arg for override in profile_overrides(params_path, profile) for arg in ("-S", override)]
 
-    from mgdm_core.config import deep_merge, load_params, read_yaml, resolve_profile
-    from mgdm_core.io import atomic_write
+
+def _profile(args: argparse.Namespace) -> int:
+    from mgdm_core.config import load_params, resolve_profile
 
     base = Path(args.params)
-    profile = resolve_profile(args.name, base.parent)
-    load_params(base, profile)  # validate before writing anything
-    merged = deep_merge(read_yaml(base), read_yaml(profile))
-    output = Path(args.output or base)
-    header = f"# params.yaml with profile '{args.name}' merged in ({profile}); `git checkout params.yaml` restores it\n"
-    with atomic_write(output) as tmp:
-        Path(tmp).write_text(header + yaml.safe_dump(merged, sort_keys=False))
-    print(f"wrote {output} ({base} + {profile})")
+    profile = resolve_profile(args.name, base.resolve().parent)
+    load_params(base, profile)  # validate first
+    print(shlex.join(["dvc", "exp", "run", *_set_params(base, profile)]))
     return 0
 
 

@@ -19,10 +19,10 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
-def copy_repository(repo_root: Path, dest: Path) -> dict[str, str]:
+def copy_repository(repo_root: Path, dest: Path, profile: str | None = "smoke") -> dict[str, str]:
     """A temporary DVC project from the repository's tracked files (no outputs, no dvc.lock),
-    git-initialised, with params.yaml merged with the smoke profile. Returns the environment
-    for running `dvc` and `mgdm` in it."""
+    git-initialised, with params.yaml merged with `profile` (in this copy only; None keeps it as
+    committed). Returns the environment for running `dvc` and `mgdm` in it."""
     import shutil
     import subprocess
     import sys
@@ -35,6 +35,12 @@ def copy_repository(repo_root: Path, dest: Path) -> dict[str, str]:
             shutil.copy2(source, dest / name)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DO_NOT_TRACK": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    for command in (["git", "init", "-q"], [sys.executable, "-m", "mgdm_core", "profile", "smoke"]):
-        subprocess.run(command, cwd=dest, env=env, check=True, capture_output=True)
+    subprocess.run(["git", "init", "-q"], cwd=dest, env=env, check=True, capture_output=True)
+    if profile is not None:
+        import yaml
+
+        from mgdm_core.config import deep_merge, read_yaml
+
+        merged = deep_merge(read_yaml(dest / "params.yaml"), read_yaml(dest / "profiles" / f"{profile}.yaml"))
+        (dest / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
     return env
