@@ -3,7 +3,9 @@
     python scripts/results_report.py --root . --name breastmnist --profile breastmnist
 
 Reads metrics/{generate,disturb,evaluate}.json, params.yaml and plots/ under --root, copies the
-pictures next to the report and states, per condition, what the paired intervals allow one to say.
+pictures next to the report and states, per condition, what the paired intervals allow one to say:
+one verdict sentence per network at the top (`mgdm_core.evaluation.report.verdict_sentences`),
+then the table.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import shutil
 import subprocess
 from datetime import date
 from pathlib import Path
+
+from mgdm_core.evaluation.report import verdict_sentences
 
 # Published anchors (MedMNIST v2, Yang et al., Scientific Data 2023, Table: ResNet-18 (28)).
 ANCHORS = {
@@ -40,21 +44,25 @@ def _fmt(stats: dict | None) -> str:
     return f"{stats['mean']:.3f} ± {std:.3f}" if std is not None else f"{stats['mean']:.3f}"
 
 
+def _significant(diff: dict) -> bool:
+    """Holm's verdict; metrics written before the adjustment existed: the interval's."""
+    return diff["reject"] if "reject" in diff else diff["ci_low"] > 0 or diff["ci_high"] < 0
+
+
 def _delta(diff: dict | None) -> str:
     if not diff:
         return "—"
-    star = "*" if diff["ci_low"] > 0 or diff["ci_high"] < 0 else ""
+    star = "*" if _significant(diff) else ""
     return f"{diff['delta']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]{star}"
 
 
 def _verdict(diff: dict | None) -> str:
     if not diff:
         return "baseline"
-    if diff["ci_low"] > 0:
-        return "better than real"
-    if diff["ci_high"] < 0:
-        return "worse than real"
-    return "no difference detected"
+    if _significant(diff):
+        return "better than real" if diff["delta"] > 0 else "worse than real"
+    mde = f" (could detect ±{diff['mde']:.3f})" if diff.get("mde") is not None else ""
+    return "no difference detected" + mde
 
 
 def build(root: Path, name: str, profile: str | None, out_dir: Path, notes: list[str] = ()) -> str:
@@ -80,9 +88,14 @@ def build(root: Path, name: str, profile: str | None, out_dir: Path, notes: list
         "",
         "## Downstream classifiers",
         "",
+        *(f"- {sentence}" for sentence in verdict_sentences(evaluate)),
+        "",
         "mean ± std over seeds; Δ: paired difference to `real` with its 95% interval "
-        "(t over paired seeds when there are at least 5, else a paired bootstrap over test images); "
-        "`*` marks an interval that excludes 0.",
+        "(t over paired seeds when there are at least 5, else a paired bootstrap over test images), "
+        + ("Holm-adjusted across the conditions compared with `real` (per network, family-wise 95%); "
+           "`*` marks a difference Holm declares (its interval excludes 0); for the others, the verdict gives "
+           "the smallest difference the run could have detected with 80% power."
+           if evaluate.get("adjustment") == "holm" else "unadjusted; `*` marks an interval that excludes 0."),
         "",
         "| network | condition | AUC | ACC | balanced ACC | Δ AUC vs real | Δ ACC vs real | verdict (AUC) | seeds |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",

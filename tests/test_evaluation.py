@@ -7,20 +7,27 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from scipy.stats import nct
 from scipy.stats import t as t_dist
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
+from mgdm_core.config import Params
 from mgdm_core.errors import ConfigError, DataError
 from mgdm_core.evaluation.metrics import COMPARED_METRICS, classification_metrics, metric_batch, predict
 from mgdm_core.evaluation.networks import MIN_SIDE, NETWORKS, build_network, input_size_for
-from mgdm_core.evaluation.report import build_summary, markdown_table, plot_rows, plot_summary
+from mgdm_core.evaluation.report import build_summary, markdown_table, plot_rows, plot_summary, verdict_sentences
 from mgdm_core.evaluation.stats import (
     bootstrap_difference,
     difference_to_baseline,
+    holm,
+    minimum_detectable_effect,
     paired_difference,
     summarise,
 )
-from mgdm_core.evaluation.train import EvalData, UnitResult, mix_synthetic, train_and_test
+from mgdm_core.evaluation import train as train_module
+from mgdm_core.evaluation.train import EvalData, UnitResult, lr_milestones, mix_synthetic, train_and_test
+from mgdm_core.layout import Layout
+from mgdm_core.stages.evaluate import plan
 
 # The two with > 20 M parameters (vgg16_bn: 138 M, ~4 s just to initialise on CPU).
 _SLOW_NETWORKS = {"vgg16_bn", "resnet50"}
@@ -59,10 +66,35 @@ def test_unknown_network_error_lists_valid_names() -> None:
         build_network("resnet17", 1, 2, 28)
 
 
-def test_input_size_keeps_simple_cnn_native_and_enlarges_torchvision_nets() -> None:
+def test_input_size_keeps_small_image_nets_native_and_enlarges_torchvision_nets() -> None:
     assert input_size_for("simple_cnn", 28) == 28
-    assert input_size_for("resnet18", 28) == MIN_SIDE
-    assert input_size_for("resnet18", 128) == 128
+    assert input_size_for("resnet18", 28) == 28
+    assert input_size_for("resnet18_imagenet", 28) == MIN_SIDE
+    assert input_size_for("resnet18_imagenet", 128) == 128
+
+
+@pytest.mark.parametrize("channels, size, maps", [(1, 28, [28, 14, 7, 4]), (3, 32, [32, 16, 8, 4])])
+def test_cifar_resnet18_keeps_native_resolution_and_the_data_channels(channels, size, maps) -> None:
+    torch.manual_seed(0)
+    model = build_network("resnet18", in_channels=channels, num_classes=5, image_size=size).eval()
+    assert model.conv1.in_channels == channels and model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, torch.nn.Identity)
+    seen = []
+    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+        stage.register_forward_hook(lambda _m, _i, out: seen.append(out.shape[-1]))
+    with torch.no_grad():
+        out = model(torch.rand(2, channels, size, size))
+    assert seen == maps  # stride 1 stem, no max-pool: the first stage works at the input's size
+    assert out.shape == (2, 5)
+
+
+def test_imagenet_resnet18_downsamples_32x_after_resizing_to_min_side() -> None:
+    model = build_network("resnet18_imagenet", in_channels=1, num_classes=2, image_size=28).eval()
+    seen = []
+    model.net.layer4.register_forward_hook(lambda _m, _i, out: seen.append(out.shape[-1]))
+    with torch.no_grad():
+        model(torch.rand(1, 1, 28, 28))
+    assert seen == [MIN_SIDE // 32]
 
 
 # ---------------------------------------------------------------- metrics
@@ -139,6 +171,46 @@ def test_paired_t_interval_of_a_zero_mean_difference_contains_zero() -> None:
     assert d["ci_low"] < 0 < d["ci_high"]
     half = t_dist.ppf(0.975, df=4) * np.std(noise, ddof=1) / np.sqrt(5)  # textbook paired t-interval
     assert d["ci_high"] == pytest.approx(half)
+
+
+def test_holm_matches_a_hand_computed_step_down() -> None:
+    # sorted: 0.005 (x4 = 0.02), 0.01 (x3 = 0.03), 0.03 (x2 = 0.06 > 0.05: stop), 0.04 (x1 = 0.04,
+    # but the running max keeps 0.06): two rejections although 0.04 alone is below 0.05.
+    h = holm([0.01, 0.04, 0.03, 0.005], alpha=0.05)
+    assert h["p_adjusted"] == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert h["reject"] == [True, False, False, True]
+    # rejected: their own step's level; the rest: alpha / (m - r) = 0.05 / 2
+    assert h["alpha_level"] == pytest.approx([0.05 / 3, 0.025, 0.025, 0.05 / 4])
+
+
+def test_holm_with_one_comparison_is_the_unadjusted_test() -> None:
+    assert holm([0.04]) == {"p_adjusted": [0.04], "reject": [True], "alpha_level": [pytest.approx(0.05)]}
+
+
+def test_minimum_detectable_effect_has_80_percent_power_in_the_paired_t_test() -> None:
+    sd, n = 0.02, 5
+    mde = minimum_detectable_effect(sd / np.sqrt(n), alpha=0.05, dof=n - 1)
+    assert mde == pytest.approx((t_dist.ppf(0.975, 4) + t_dist.ppf(0.8, 4)) * sd / np.sqrt(n))
+    assert mde == pytest.approx(1.663 * sd, rel=1e-3)  # (2.776 + 0.941) / sqrt(5)
+    # exact power of the two-sided paired t-test when the true mean difference equals the MDE:
+    # the noncentral t with noncentrality mde / se. The t-quantile formula is an approximation,
+    # here within 2 points of 80%.
+    crit = t_dist.ppf(0.975, n - 1)
+    power = nct.sf(crit, n - 1, mde / (sd / np.sqrt(n))) + nct.cdf(-crit, n - 1, mde / (sd / np.sqrt(n)))
+    assert power == pytest.approx(0.8, abs=0.02)
+    # more seeds detect smaller effects; with many the formula tends to the normal one (2.80 se)
+    assert minimum_detectable_effect(sd / np.sqrt(10), dof=9) < mde
+    assert minimum_detectable_effect(1.0, dof=10_000) == pytest.approx(minimum_detectable_effect(1.0), rel=1e-3)
+    assert minimum_detectable_effect(1.0) == pytest.approx(1.960 + 0.842, rel=1e-3)
+
+
+def test_paired_difference_reports_p_value_and_mde_of_its_interval() -> None:
+    noise = [0.01, -0.01, 0.02, -0.02, 0.0]
+    d = paired_difference({s: _BASE[s] + e for s, e in enumerate(noise)}, _BASE)
+    assert d["p_value"] == pytest.approx(1.0)  # mean difference exactly 0
+    assert d["mde"] == pytest.approx(minimum_detectable_effect(np.std(noise, ddof=1) / np.sqrt(5), dof=4))
+    wide = paired_difference({s: _BASE[s] + e for s, e in enumerate(noise)}, _BASE, confidence=0.99)
+    assert wide["ci_high"] > d["ci_high"] and wide["mde"] > d["mde"]
 
 
 def test_paired_t_interval_of_a_consistent_gain_excludes_zero() -> None:
@@ -256,6 +328,37 @@ def test_simple_cnn_learns_bright_vs_dark_squares(squares: EvalData) -> None:
     assert result.val_auc_history[result.best_epoch] == max(result.val_auc_history)
 
 
+def test_lr_steps_down_tenfold_at_half_and_three_quarters_of_training(squares: EvalData) -> None:
+    assert lr_milestones(100) == [50, 75]  # MedMNIST's 100-epoch schedule
+    assert lr_milestones(30) == [15, 22]
+    assert lr_milestones(2) == [1]  # 1 and 1: one drop, not two at once
+    assert lr_milestones(1) == []
+    real_only = dataclasses.replace(squares, synthetic_images=None, synthetic_labels=None)
+    rows = []
+    _train(real_only, seed=0, augment=False, on_epoch=rows.append)  # 4 epochs: drops after 2 and 3
+    assert [row["lr"] for row in rows] == pytest.approx([3e-3, 3e-3, 3e-4, 3e-5])
+
+
+def test_the_best_validation_epoch_is_the_one_tested(squares: EvalData, monkeypatch) -> None:
+    # Validation AUCs scripted per epoch (peak at epoch 1, tie at 3) and test = validation images:
+    # the tested probabilities must be epoch 1's validation probabilities, not the last epoch's.
+    same = dataclasses.replace(
+        squares, test_images=squares.val_images, test_labels=squares.val_labels,
+        synthetic_images=None, synthetic_labels=None,
+    )
+    scripted = iter([0.6, 0.9, 0.7, 0.9])
+    monkeypatch.setattr(train_module, "auc", lambda y, probs: next(scripted))
+    outputs = []
+    real_predict = train_module.predict_probs
+    monkeypatch.setattr(train_module, "predict_probs", lambda *a: outputs.append(real_predict(*a)) or outputs[-1])
+    result = _train(same, seed=0, augment=False)
+    assert result.val_auc_history == [0.6, 0.9, 0.7, 0.9]
+    assert result.best_epoch == 1  # the earliest of the tied best
+    assert len(outputs) == 5  # 4 validation passes, then the test pass
+    np.testing.assert_array_equal(result.test_probs, outputs[1])
+    assert not np.array_equal(result.test_probs, outputs[3])
+
+
 def test_training_with_augmentation_and_synthetic_data_is_deterministic_for_a_seed(squares: EvalData) -> None:
     a = _train(squares, seed=3, augment=True, synthetic_ratio=0.25)
     b = _train(squares, seed=3, augment=True, synthetic_ratio=0.25)
@@ -324,3 +427,77 @@ def test_plot_rows_and_png_are_written(tmp_path) -> None:
     plot_summary(summary, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in png.parent.iterdir()] == ["evaluate.png"]  # no temporary file left
+
+
+def _five_seed_summary(conditions: dict[str, float]) -> dict:
+    return build_summary(_records(conditions, range(5)))
+
+
+def test_summary_holm_adjusts_each_family_and_stars_exactly_its_rejections() -> None:
+    summary = _five_seed_summary({"real": 1.0, "strong": 3.0, "same": 1.0, "slight": 1.1})
+    assert summary["adjustment"] == "holm"
+    conditions = summary["networks"]["simple_cnn"]
+    for condition in ("strong", "same", "slight"):
+        for metric, d in conditions[condition]["vs_baseline"].items():
+            assert d["comparisons"] == 3 and d["adjustment"] == "holm" and d["method"] == "t_over_seeds"
+            assert d["reject"] == (d["ci_low"] > 0 or d["ci_high"] < 0)  # interval and verdict agree
+            assert d["confidence"] >= 0.95 - 1e-12 and d["p_holm"] >= d["p_value"]
+    strong = conditions["strong"]["vs_baseline"]["auc"]
+    assert strong["reject"] and strong["delta"] > 0
+    # the smallest p is tested at 0.05 / 3: its interval is wider than the unadjusted 95% one
+    runs = {c: {r["seed"]: r["test_probs"] for r in _records({"real": 1.0, "strong": 3.0}, range(5)) if r["condition"] == c}
+            for c in ("real", "strong")}
+    plain = difference_to_baseline(_Y, runs["strong"], runs["real"], "auc")
+    assert strong["confidence"] == pytest.approx(1 - 0.05 / 3)
+    assert strong["ci_high"] - strong["ci_low"] > plain["ci_high"] - plain["ci_low"]
+
+
+def test_stage2_measures_are_also_compared_with_stage1() -> None:
+    summary = _five_seed_summary({"real": 1.0, "real+stage1": 1.5, "real+stage2:entropy": 2.5, "real+stage2:margin": 1.5})
+    conditions = summary["networks"]["simple_cnn"]
+    assert "vs_stage1" not in conditions["real+stage1"]
+    for measure in ("entropy", "margin"):
+        d = conditions[f"real+stage2:{measure}"]["vs_stage1"]["auc"]
+        assert d["comparisons"] == 2 and d["adjustment"] == "holm"
+    assert conditions["real+stage2:entropy"]["vs_stage1"]["auc"]["delta"] > 0
+
+
+def test_report_opens_with_one_verdict_sentence_per_network_then_the_table() -> None:
+    records = _records({"real": 1.0, "strong": 3.0}, range(5))
+    real = [r for r in records if r["condition"] == "real"]
+    # "same": the real runs with their seeds rotated, so the paired differences sum to exactly 0
+    records += [{**real[(i + 1) % 5], "condition": "same", "seed": r["seed"]} for i, r in enumerate(real)]
+    records += [{**r, "network": "resnet18"} for r in records]
+    summary = build_summary(records)
+    sentences = verdict_sentences(summary)
+    assert len(sentences) == 2 and sentences[0].startswith("**simple_cnn** (5 seeds, real AUC ")
+    same = summary["networks"]["simple_cnn"]["same"]["vs_baseline"]["auc"]
+    assert not same["reject"]
+    assert "better than real: strong +" in sentences[0]
+    assert f"no difference from real detected for same (smallest detectable with 80% power: {same['mde']:.3f})" in sentences[0]
+    assert "Holm-adjusted over 2 comparisons" in sentences[0]
+    table = markdown_table(summary, "BreastMNIST").splitlines()
+    assert table[2:4] == [f"- {s}" for s in sentences]
+    assert table.index(f"- {sentences[-1]}") < next(i for i, line in enumerate(table) if line.startswith("| network"))
+    same_row = next(line for line in table if "| simple_cnn | same |" in line)
+    assert f"| {same['mde']:.3f} |" in same_row  # the detectable difference of a null result
+
+
+def test_plan_trains_each_network_on_its_own_seeds(tmp_path) -> None:
+    params = Params().with_overrides({
+        "evaluate.networks": ["resnet18", "simple_cnn"], "evaluate.conditions": ["real", "real+classic"],
+        "evaluate.seeds": [0, 1, 2, 3, 4], "evaluate.seeds_per_network": {"simple_cnn": list(range(10))},
+    })
+    units = plan(params, Layout(tmp_path))
+    assert sorted({u.seed for u in units if u.network == "resnet18"}) == [0, 1, 2, 3, 4]
+    assert sorted({u.seed for u in units if u.network == "simple_cnn"}) == list(range(10))
+    assert len(units) == 2 * (5 + 10)
+
+
+@pytest.mark.parametrize("seeds_per_network, message", [
+    ({"vgg16_bn": [0]}, "seeds_per_network: 'vgg16_bn' is not in networks"),
+    ({"simple_cnn": [1, 1]}, "seeds_per_network.simple_cnn: needs distinct seeds"),
+])
+def test_seeds_per_network_must_name_a_listed_network_and_distinct_seeds(seeds_per_network, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Params().with_overrides({"evaluate.networks": ["simple_cnn"], "evaluate.seeds_per_network": seeds_per_network})

@@ -1,6 +1,12 @@
 """Downstream classifiers for the evaluate stage, always trained from scratch (weights=None).
 
-Every network sees its input through one adapter, `InputAdapter`:
+`resnet18` is the CIFAR-style ResNet-18 that MedMNIST reports at 28 px (He et al. 2016, sec.
+4.2 stem): torchvision's `ResNet`/`BasicBlock` with a 3x3 stride-1 first convolution taking the
+data's own channels and no max-pool, at native resolution (28 px -> 28/14/7/4 px feature maps).
+It is the default for images of 32 px and below; at larger sizes its cost grows with the pixel
+count (64 px: 4x), where `resnet18_imagenet` is the cheaper choice.
+
+Every other network sees its input through one adapter, `InputAdapter`:
 
 * grayscale is repeated to three channels (no per-architecture stem surgery). From scratch this
   loses nothing: a 3-channel conv on a repeated image is a 1-channel conv whose kernel is the sum
@@ -26,7 +32,7 @@ from mgdm_core.errors import ConfigError
 MIN_SIDE = 64
 
 _TORCHVISION: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": tvm.resnet18,
+    "resnet18_imagenet": tvm.resnet18,  # torchvision's ImageNet stem (7x7 stride 2 + max-pool)
     "resnet50": tvm.resnet50,
     "vgg16_bn": tvm.vgg16_bn,
     "densenet121": tvm.densenet121,
@@ -38,7 +44,8 @@ _TORCHVISION: dict[str, Callable[..., nn.Module]] = {
     "regnet_y_400mf": tvm.regnet_y_400mf,
 }
 
-NETWORKS: tuple[str, ...] = ("simple_cnn", *_TORCHVISION)
+NETWORKS: tuple[str, ...] = ("simple_cnn", "resnet18", *_TORCHVISION)
+NATIVE: tuple[str, ...] = ("simple_cnn", "resnet18")  # built for small images: no resize, own channels
 
 
 def _check_name(name: str) -> None:
@@ -49,7 +56,7 @@ def _check_name(name: str) -> None:
 def input_size_for(name: str, image_size: int) -> int:
     """Side length (px) the network `name` is fed for `image_size` px square images."""
     _check_name(name)
-    if name == "simple_cnn":
+    if name in NATIVE:
         return image_size
     return max(image_size, MIN_SIDE)
 
@@ -75,6 +82,20 @@ def simple_cnn(num_classes: int) -> nn.Module:
     )
 
 
+def resnet18_cifar(in_channels: int, num_classes: int) -> nn.Module:
+    """ResNet-18 for small images: [B, in_channels, H, W] -> [B, num_classes], feature maps at
+    H, H/2, H/4, H/8 (ceil) in the four stages. About 11.2 M parameters.
+
+    torchvision's ResNet with `conv1` replaced by a 3x3 stride-1 convolution (Kaiming-initialised
+    as torchvision initialises its own) and `maxpool` by the identity.
+    """
+    net = tvm.ResNet(tvm.resnet.BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
+    net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    net.maxpool = nn.Identity()
+    return net
+
+
 class InputAdapter(nn.Module):
     """Repeats grayscale to RGB and resizes to `size` px, then calls `net`: [B,C,H,W] -> [B,K]."""
 
@@ -93,7 +114,8 @@ class InputAdapter(nn.Module):
 
 
 def build_network(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    """A freshly initialised network `name` (see `NETWORKS`) wrapped in `InputAdapter`.
+    """A freshly initialised network `name` (see `NETWORKS`): `resnet18` as it is, every other
+    one wrapped in `InputAdapter`.
 
     Initialisation draws from torch's global RNG: seed it (the caller's job) for reproducibility.
     """
@@ -102,6 +124,8 @@ def build_network(name: str, in_channels: int, num_classes: int, image_size: int
         raise ConfigError(f"evaluate: images must have 1 or 3 channels, got {in_channels}")
     if num_classes < 2:
         raise ConfigError(f"evaluate: need at least 2 classes, got {num_classes}")
+    if name == "resnet18":
+        return resnet18_cifar(in_channels, num_classes)
     if name == "simple_cnn":
         net = simple_cnn(num_classes)
     else:
