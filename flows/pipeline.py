@@ -34,6 +34,7 @@ from mgdm_core import progress, tracking
 from mgdm_core.config import MEASURES, Measure, Params, load_params
 from mgdm_core.errors import ConfigError, MgdmError
 from mgdm_core.evaluation.networks import NETWORKS
+from mgdm_core.io import tree_digest
 from mgdm_core.layout import Layout
 from mgdm_core.launch import run_stage
 from mgdm_core.stages import STAGES, reads, stage_module
@@ -174,8 +175,11 @@ def upstream_paths(stage: str, params: Params, layout: Layout) -> list[Path]:
     prepared = [layout.prepared]
     models = [layout.diffusion_model, layout.classifier_model]
     if stage == "prepare":
-        # Relative data paths are relative to the project root (as in stages/prepare.py).
-        return [layout.root / p for p in (params.data.path, params.data.val_path, params.data.test_path) if p]
+        # data/raw, as in dvc.yaml, and input data kept elsewhere (which DVC cannot see). Relative
+        # data paths are relative to the project root (as in stages/prepare.py).
+        inputs = [layout.root / p for p in (params.data.path, params.data.val_path, params.data.test_path) if p]
+        raw = layout.raw_data_dir.resolve()
+        return [layout.raw_data_dir, *(p for p in inputs if not p.resolve().is_relative_to(raw))]
     if stage in _INDEPENDENT:
         return prepared
     if stage == "generate":
@@ -209,16 +213,7 @@ def output_paths(stage: str, params: Params, layout: Layout) -> list[Path]:
 
 def path_digest(path: Path) -> str | None:
     """Content hash of a file or of every file under a folder; None when it does not exist."""
-    if not path.exists():
-        return None
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
+    return tree_digest(path)
 
 
 def outputs_digest(stage: str, params: Params, layout: Layout) -> dict[str, str | None]:
@@ -441,7 +436,8 @@ def mgdm_pipeline(options: PipelineOptions = PipelineOptions()) -> dict[str, Any
     flow_run_id = str(runtime.flow_run.id)
     tags = {"prefect_flow_run_id": flow_run_id}
     parent = tracking.open_pipeline_run(layout.root, f"prefect {runtime.flow_run.name}", {"front_door": "prefect", **tags})
-    parent.log_params({"profile": options.profile or "", **{f"override.{k}": v for k, v in overrides_of(options).items()}})
+    parent.log_params({**params.model_dump(mode="json"), "profile": options.profile or "",
+                       **{f"override.{k}": v for k, v in overrides_of(options).items()}})
     parent.log_text(json.dumps(params.model_dump(mode="json"), indent=2), "params.json")
     _params_artifact(options, params)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import re
@@ -247,3 +248,19 @@ def read_manifest(path: str | os.PathLike[str]) -> list[dict[str, str]]:
         raise DataError(f"{file}: manifest not found") from exc
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{file}: manifest is not a readable CSV ({exc})") from exc
+
+
+def tree_digest(path: str | os.PathLike[str]) -> str | None:
+    """Content hash of a file, or of every file under a folder (names and bytes, in sorted order);
+    None when the path does not exist. The input data's identity for `prepare` and Prefect's cache."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]

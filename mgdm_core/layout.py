@@ -15,6 +15,11 @@ class Layout:
 
     # prepare
     @property
+    def raw_data_dir(self) -> Path:
+        """Input data kept in the project (`dvc add` / `dvc import` it here): a dependency of prepare."""
+        return self.root / "data" / "raw"
+
+    @property
     def prepared(self) -> Path:
         return self.root / "data" / "prepared"
 

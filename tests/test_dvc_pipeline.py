@@ -55,7 +55,22 @@ def test_mgdm_repro_nests_every_stage_under_one_pipeline_run(project):
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns.db'}")
     experiment = client.get_experiment_by_name("mgdm")
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("kind") == "pipeline"]
+    parents = [r for r in runs if r.data.tags.get("kind") == "pipeline" and "run_group" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.params["disturb.scale"]  # mgdm repro logs the full resolved parameters
     children = {r.data.tags["stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert children == {"prepare", "train_diffusion", "train_classifier", "generate", "disturb", "quality", "evaluate"}
+    # The plain `dvc repro` after the disturb change grouped its stage runs under one parent of its own.
+    (group,) = [r for r in runs if "run_group" in r.data.tags]
+    assert group.info.run_name == "dvc repro" and group.info.status == "FINISHED"
+    grouped = {r.data.tags["stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == group.info.run_id}
+    assert grouped == {"disturb", "quality", "evaluate"}
+
+
+def test_changed_input_data_makes_prepare_stale(project):
+    """Input data under data/raw (where `dvc add` / `dvc import` put it) is a dependency of prepare."""
+    root, env = project
+    assert "prepare" not in sh(["dvc", "status", "prepare"], root, env)
+    (root / "data" / "raw" / "new-set.npz").write_bytes(b"another data set")
+    status = sh(["dvc", "status", "prepare"], root, env)
+    assert "prepare" in status and "data/raw" in status

@@ -13,7 +13,7 @@ from mgdm_core.config import Params
 from mgdm_core.data.loaders import resize_and_convert
 from mgdm_core.data.sources import check_class_name, load_source
 from mgdm_core.errors import ConfigError
-from mgdm_core.io import ensure_writable_dir, save_npz_atomic, write_json_atomic
+from mgdm_core.io import ensure_writable_dir, save_npz_atomic, tree_digest, write_json_atomic
 from mgdm_core.layout import Layout
 from mgdm_core.plots import class_grid
 from mgdm_core.stages.checks import check_class_counts, check_params_against_data
@@ -41,6 +41,27 @@ def _class_names(wanted: tuple[str, ...] | None, found: tuple[str, ...]) -> tupl
     return wanted
 
 
+def input_digests(params: Params, layout: Layout) -> dict[str, dict[str, str | None]]:
+    """`data.path`, `data.val_path`, `data.test_path` (those set) -> their path and content hash.
+
+    Recorded in classes.json and as MLflow tags, so prepared data names the input it came from.
+    dvc.yaml makes `data/raw` a dependency of prepare: input kept elsewhere is not seen by
+    `dvc status` (Prefect's cache key hashes it wherever it is), so say so.
+    """
+    out: dict[str, dict[str, str | None]] = {}
+    for key in ("path", "val_path", "test_path"):
+        value = getattr(params.data, key)
+        if value is None:
+            continue
+        resolved = _resolve(layout, value)
+        out[f"data.{key}"] = {"path": str(value), "digest": tree_digest(resolved)}
+        if not resolved.is_relative_to(layout.raw_data_dir.resolve()):
+            log.warning("data.%s %s is outside %s: `dvc status` will not notice when it changes; "
+                        "`dvc add` or `dvc import` it into %s (README, \"Your data\")",
+                        key, value, layout.relative(layout.raw_data_dir), layout.relative(layout.raw_data_dir))
+    return out
+
+
 def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     """Load, check and write the prepared data; a refused source leaves the previous prepared data untouched.
 
@@ -49,6 +70,7 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     temporary sibling directory that replaces `data/prepared` only once complete.
     """
     data = params.data
+    inputs = input_digests(params, layout)
     splits = load_source(
         data.source,
         path=_resolve(layout, data.path),
@@ -91,6 +113,7 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
                 "image_size": data.image_size,
                 "channels": data.channels,
                 "notes": list(splits.notes),
+                "inputs": inputs,
             },
         )
         _swap_in(staging, layout.prepared)
@@ -99,6 +122,7 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     grid = layout.plot_file("prepare_real_samples.png")
     class_grid(*prepared["train"], class_names, grid, title=f"real training images ({dataset_name(params)})")
     tracker.log_artifact(grid, "samples")
+    tracker.set_tags({f"input.{key}": entry["digest"] for key, entry in inputs.items()})
     tracker.log_metrics(metrics)
     write_metrics(layout, "prepare", metrics)
     log.info("prepared %s: %s", dataset_name(params), {k: int(v) for k, v in metrics.items() if k.endswith("images")})
