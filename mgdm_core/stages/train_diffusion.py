@@ -86,7 +86,7 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     # A quick look at what the EMA model draws: unguided ancestral sampling (100 steps), 8 per
     # class, fixed seeds. DDPM rather than DDIM: a deterministic DDIM path drifts off the data for
     # some seeds when the model is briefly trained, which would misjudge the training itself.
-    per_class = 8
+    per_class = max(2, 16 // data.num_classes)  # 16 images in all (8 per class with two classes)
     y = torch.arange(data.num_classes).repeat_interleave(per_class).to(device)
     seeds = [params.seed * 1_000_003 + 7919 * i for i in range(len(y))]
     x_T = initial_noise(seeds, (data.channels, data.image_size, data.image_size), device, torch.float32)
