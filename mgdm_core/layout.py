@@ -69,6 +69,10 @@ class Layout:
     def metrics_file(self, stage: str) -> Path:
         return self.root / "metrics" / f"{stage}.json"
 
+    def headline_dir(self, stage: str) -> Path:
+        """The small per-row files DVC declares as metrics (`mgdm_core.headline`): evaluate, quality."""
+        return self.root / "metrics" / stage
+
     @property
     def plots_dir(self) -> Path:
         return self.root / "plots"

@@ -42,8 +42,16 @@ def test_outputs_are_layout_paths(repo_root, tmp_path):
         "evaluate": [layout.reports_dir / "evaluate.md"],
     }
     for name, paths in expected.items():
-        assert _paths(stages[name]["outs"]) == [layout.relative(p) for p in paths], name
-        assert _paths(stages[name]["metrics"]) == [layout.relative(layout.metrics_file(name))], name
+        # Every stage's detailed metrics file is an output, not a DVC metric.
+        assert _paths(stages[name]["outs"]) == [layout.relative(p) for p in [*paths, layout.metrics_file(name)]], name
+
+
+def test_only_the_headline_rows_are_dvc_metrics(repo_root, tmp_path):
+    """`dvc metrics show` / `dvc exp show` see the small per-row files of evaluate and quality only."""
+    layout = Layout(tmp_path)
+    metrics = {name: _paths(stage.get("metrics", [])) for name, stage in load_dvc(repo_root).items()}
+    assert metrics == {name: [layout.relative(layout.headline_dir(name))] if name in ("evaluate", "quality") else []
+                       for name in metrics}
 
 
 def test_checkpoint_directories_persist_and_metrics_are_not_cached(repo_root):
@@ -52,5 +60,5 @@ def test_checkpoint_directories_persist_and_metrics_are_not_cached(repo_root):
         checkpoint_dir = stages[name]["outs"][0]
         assert next(iter(checkpoint_dir.values()))["persist"] is True
     for name, stage in stages.items():
-        for entry in stage["metrics"]:
-            assert next(iter(entry.values()))["cache"] is False, name
+        for entry in [*stage.get("metrics", []), stage["outs"][-1]]:
+            assert next(iter(entry)).startswith("metrics/") and next(iter(entry.values()))["cache"] is False, name

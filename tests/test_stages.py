@@ -97,6 +97,20 @@ def test_every_stage_writes_its_metrics_file(smoke):
         assert json.loads(layout.metrics_file(name).read_text())
 
 
+def test_evaluate_and_quality_write_the_headline_rows_dvc_shows(smoke):
+    params, layout, _, _ = smoke
+    rows = {str(p.relative_to(layout.headline_dir("evaluate"))): json.loads(p.read_text())
+            for p in layout.headline_dir("evaluate").rglob("*.json")}
+    conditions = ["real", "real+stage1", *(f"real+stage2-{m}" for m in params.disturb.measures)]
+    assert sorted(rows) == sorted(f"simple_cnn/{c}.json" for c in conditions)
+    assert set(rows["simple_cnn/real.json"]) == {"auc", "acc"}
+    assert set(rows["simple_cnn/real+stage1.json"]) == {"auc", "acc", "d_auc", "d_lo", "d_hi"}
+    assert rows["simple_cnn/real+stage1.json"]["d_lo"] <= rows["simple_cnn/real+stage1.json"]["d_hi"]
+    quality = {p.name: json.loads(p.read_text()) for p in layout.headline_dir("quality").glob("*.json")}
+    assert {"stage1.json", *(f"stage2-{m}.json" for m in params.disturb.measures)} <= set(quality)
+    assert all(set(row) <= {"fd_ratio", "fidelity"} and row for row in quality.values())
+
+
 def test_mlflow_holds_one_child_run_per_stage_and_one_per_evaluation_unit(smoke):
     params, layout, _, parent_id = smoke
     client, experiment_id = tracking.connect(layout.root)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mgdm_core import headline
 from mgdm_core.config import Params
 from mgdm_core.device import resolve_device
 from mgdm_core.errors import ConfigError, DataError
@@ -285,6 +286,7 @@ def summarise(results: list[dict[str, Any]], params: Params, layout: Layout, tra
     summary["dataset"] = data.dataset
     summary["class_names"] = list(data.class_names)
     write_metrics(layout, "evaluate", summary)
+    headline.write_rows(layout.headline_dir("evaluate"), headline.evaluate_rows(summary))
 
     report = layout.reports_dir / "evaluate.md"
     ensure_writable_dir(report.parent)

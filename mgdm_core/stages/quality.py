@@ -40,6 +40,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mgdm_core.headline import quality_rows, write_rows  # noqa: E402
 from mgdm_core.config import Params  # noqa: E402
 from mgdm_core.device import resolve_device  # noqa: E402
 from mgdm_core.errors import DataError  # noqa: E402
@@ -414,6 +415,7 @@ def compute_quality(
     )
 
     write_metrics(layout, "quality", summary)
+    write_rows(layout.headline_dir("quality"), quality_rows(summary))  # what DVC shows as metrics
     artifacts = write_outputs(layout, summary, sets, data.images["train"], max_pairs)
     if tracker is not None:
         tracker.log_metrics(flat_metrics(summary))
