@@ -93,11 +93,14 @@ MEANINGS = {
     "quality.kid_subset_size": "images per KID subset (capped by the set sizes)",
     "quality.by_step_samples": "images drawn per snapshot (quality by training step)",
     "quality.by_step_respacing": "DDPM respacing of those images (quality by training step)",
-    "evaluate.networks": "downstream classifiers trained from scratch (torchvision names or simple_cnn)",
+    "evaluate.networks": "downstream classifiers trained from scratch: resnet18 (CIFAR-style, native resolution, "
+    "for images of 32 px and below), simple_cnn, or a torchvision name (resnet18_imagenet, resnet50, ...: "
+    "ImageNet stem, images resized to at least 64 px)",
     "evaluate.seeds": "training seeds per (network, condition); the paired statistics need several",
-    "evaluate.epochs": "training epochs per unit (the best validation epoch is tested)",
+    "evaluate.epochs": "training epochs per unit; the learning rate drops 10x after 50% and 75% of them "
+    "(MedMNIST's protocol) and the best validation-AUC epoch is tested",
     "evaluate.batch_size": "training batch size",
-    "evaluate.lr": "learning rate",
+    "evaluate.lr": "Adam learning rate (no weight decay)",
     "launcher.kind": "local: this process; torchrun: nproc_per_node processes on this machine",
     "launcher.nproc_per_node": "processes (GPUs) per stage under torchrun",
 }
