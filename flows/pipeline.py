@@ -115,8 +115,8 @@ class PipelineOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     project_root: str = Field(str(REPO_ROOT), description="Folder holding params.yaml; outputs are written here")
-    profile: str = Field("", description="A profiles/<name>.yaml merged over params.yaml (smoke, gpu, breastmnist); "
-                         "empty: none")
+    profile: str = Field("", description="A profile merged over params.yaml: a name under profiles/ (smoke, gpu, "
+                         "breastmnist) or a YAML path; empty: none")
     data_source: Literal["phantom", "npz", "imagefolder", "medmnist"] = Field(
         _FORM_DEFAULTS["data_source"], description="data.source")
     data_path: str = Field(_FORM_DEFAULTS["data_path"], description="data.path: npz file or image-folder root, "

@@ -314,6 +314,9 @@ def test_served_deployment_runs_and_caches(project: Path, repo_root: Path, tmp_p
             by_run = FlowRunFilter(id=FlowRunFilterId(any_=[first.id]))
             artifacts = {a.key: a for a in client.read_artifacts(flow_run_filter=by_run)}
             assert {"mgdm-params", "mgdm-evaluation", "mgdm-mlflow-runs", "mgdm-samples"} <= set(artifacts)
+            # Progress artifacts of the long stages, left at 100% when they finished.
+            for stage in ("train-diffusion", "train-classifier", "generate", "disturb"):
+                assert artifacts[f"mgdm-progress-{stage}"].data == 100.0, stage
             assert "real+stage2:margin" in artifacts["mgdm-evaluation"].data
             assert '"scale": 2.0' in artifacts["mgdm-params"].data
 
