@@ -121,7 +121,7 @@ def _hold_out(images: np.ndarray, labels: np.ndarray, fraction: float, seed: int
     if small:
         raise DataError(
             f"{where}: too few images in class(es) {small} (label: images) to hold out {fraction:.3g} of each "
-            f"class; every class needs at least {need} (data.val_fraction / data.test_fraction set the split)"
+            f"class in a stratified split; every class needs at least {need} (data.val_fraction / data.test_fraction)"
         )
     try:
         rest_x, out_x, rest_y, out_y = train_test_split(
