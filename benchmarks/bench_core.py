@@ -2,11 +2,13 @@
 
 Measures images/second for a diffusion training step (hybrid loss), a classifier training step,
 stage 1 (classifier-guided DDIM-50 and classifier-free-guided DDIM-50) and stage 2 (DDIM-50
-inversion + entropy-guided DDIM-50 decode), plus peak RSS. CPU runs with 2 threads; CUDA runs
-(when present) use bf16 autocast, optionally channels_last. bf16 autocast on CPU is measured
-once, for speed and for its deviation from fp32, but is not what the pipeline uses.
+inversion + entropy-guided DDIM-50 decode). Each figure runs in its own child process, set up as
+every mgdm process is (`mgdm_core.runtime.configure_process`: threads, glibc allocator), and
+reports that process's peak RSS. CPU runs with 2 threads; CUDA runs (when present) use bf16
+autocast, optionally channels_last. bf16 autocast on CPU is measured once, for speed and for its
+deviation from fp32, but is not what the pipeline uses.
 
-    python benchmarks/bench_core.py [--quick] [--json PATH] [--device cpu|cuda] [--channels-last]
+    python benchmarks/bench_core.py [--quick] [--json PATH] [--device cpu|cuda] [--channels-last] [--only NAMES]
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mgdm_core import runtime
 from mgdm_core.device import autocast, resolve_device
 from mgdm_core.diffusion.guidance import cfg_model, classifier_guidance, uncertainty_guidance
 from mgdm_core.diffusion.losses import hybrid_loss, q_sample
@@ -36,6 +41,7 @@ BATCH = 32
 CLASSIFIER_SCALE = 1.0
 CFG_SCALE = 1.0
 ENTROPY_SCALE = 1.0
+FIGURES = ("train_diffusion", "train_classifier", "stage1_classifier", "stage1_cfg", "stage2_entropy")
 
 UNET_CONFIG = UNetConfig(
     image_size=28, in_channels=1, num_classes=2, width=64, channel_mult=(1, 2, 2), num_res_blocks=2,
@@ -140,18 +146,12 @@ class Bench:
         return timed
 
 
-def measure(bench: Bench, quick: bool) -> dict[str, float]:
-    """images/s per workload; sampling figures are for 50 steps (quick mode times 10 and divides by 5)."""
-    train_repeats = 3 if quick else 10
+def measure(bench: Bench, figure: str, quick: bool) -> float:
+    """images/s of one figure; sampling figures are for 50 steps (quick mode times 10 and divides by 5)."""
+    if figure in ("train_diffusion", "train_classifier"):
+        return images_per_second(getattr(bench, figure), BATCH, 3 if quick else 10, bench.device)
     spacing, steps_factor = ("ddim10", 5.0) if quick else ("ddim50", 1.0)
-    results = {
-        "train_diffusion": images_per_second(bench.train_diffusion, BATCH, train_repeats, bench.device),
-        "train_classifier": images_per_second(bench.train_classifier, BATCH, train_repeats, bench.device),
-    }
-    for workload in ("stage1_classifier", "stage1_cfg", "stage2_entropy"):
-        run = bench.sampler(spacing, workload)
-        results[workload] = images_per_second(run, BATCH, 1, bench.device) / steps_factor
-    return results
+    return images_per_second(bench.sampler(spacing, figure), BATCH, 1, bench.device) / steps_factor
 
 
 def bf16_cpu_check(bench: Bench) -> dict[str, float]:
@@ -170,6 +170,37 @@ def bf16_cpu_check(bench: Bench) -> dict[str, float]:
     }
 
 
+def run_child(job: str, args: argparse.Namespace) -> dict[str, object]:
+    """One job in this process: a figure's images/s, or the CPU bf16 check; with this process's peak RSS."""
+    device = resolve_device(args.device)
+    runtime.configure_process(threads=args.threads if device.type == "cpu" else None)
+    bench = Bench(device, (lambda: autocast(device)) if device.type == "cuda" else contextlib.nullcontext, args.channels_last)
+    result: dict[str, object] = {}
+    if job == "params":
+        result["params_unet"] = sum(p.numel() for p in bench.unet.parameters())
+        result["params_classifier"] = sum(p.numel() for p in bench.classifier.parameters())
+        result["threads"] = torch.get_num_threads()
+    elif job == "bf16_cpu":
+        result.update(bf16_cpu_check(bench))
+    else:
+        result["img_per_s"] = measure(bench, job, args.quick)
+    if device.type == "cuda":
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def spawn(job: str, args: argparse.Namespace) -> dict[str, object]:
+    """Run `job` in a child process (its own peak RSS) and return what it reports."""
+    command = [sys.executable, __file__, "--child", job, "--device", args.device, "--threads", str(args.threads)]
+    command += ["--quick"] * args.quick + ["--channels-last"] * args.channels_last
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT_JSON:")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"bench_core: job {job} failed (exit code {done.returncode})")
+    return json.loads(lines[-1].removeprefix("RESULT_JSON:"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats; sampling timed at 10 steps, scaled to 50")
@@ -178,34 +209,41 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
     parser.add_argument("--skip-bf16-cpu", action="store_true", help="skip the one-off CPU bf16 comparison")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2: the reference machine)")
+    parser.add_argument("--only", default=",".join(FIGURES), help=f"comma-separated figures (default: all of {', '.join(FIGURES)})")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print("RESULT_JSON:" + json.dumps(run_child(args.child, args)), flush=True)
+        return
 
+    figures = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(figures) - set(FIGURES))
+    if unknown:
+        parser.error(f"--only: unknown figures {unknown} (expected some of {', '.join(FIGURES)})")
     device = resolve_device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    bench = Bench(device, (lambda: autocast(device)) if device.type == "cuda" else contextlib.nullcontext, args.channels_last)
-    params = {
-        "params_unet": sum(p.numel() for p in bench.unet.parameters()),
-        "params_classifier": sum(p.numel() for p in bench.classifier.parameters()),
-    }
-    print(f"device {device} ({platform.processor() or platform.machine()}), threads {torch.get_num_threads()}, "
+    info = spawn("params", args)
+    print(f"device {device} ({platform.processor() or platform.machine()}), threads {info['threads']}, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"parameters: UNet {params['params_unet']:,}, classifier {params['params_classifier']:,}")
-    results = measure(bench, args.quick)
-    for name, value in results.items():
-        print(f"{name:>18}: {value:8.2f} images/s")
-    report: dict[str, object] = {**results, **params}
+    print(f"parameters: UNet {info['params_unet']:,}, classifier {info['params_classifier']:,}")
+    report: dict[str, object] = {"params_unet": info["params_unet"], "params_classifier": info["params_classifier"]}
+    peak_by_figure: dict[str, float] = {}
+    for name in figures:
+        result = spawn(name, args)
+        report[name] = result["img_per_s"]
+        peak_by_figure[name] = float(result["peak_rss_mb"])
+        cuda = f", peak CUDA {result['peak_cuda_mb']:.0f} MB" if "peak_cuda_mb" in result else ""
+        print(f"{name:>18}: {result['img_per_s']:8.3f} images/s, peak RSS {result['peak_rss_mb']:6.0f} MB{cuda}", flush=True)
     if device.type == "cpu" and not args.skip_bf16_cpu:
-        bf16 = bf16_cpu_check(bench)
+        bf16 = spawn("bf16_cpu", args)
         print(
             f"CPU bf16 autocast: train_diffusion {bf16['train_diffusion_bf16']:.2f} vs fp32 "
             f"{bf16['train_diffusion_fp32']:.2f} images/s; eps relative error {bf16['eps_relative_error_bf16']:.2e}"
         )
-        report["bf16_cpu"] = bf16
-    if device.type == "cuda":
-        report["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    report.update(peak_rss_mb=peak_rss_mb(), device=str(device), quick=args.quick, channels_last=args.channels_last)
-    print(f"peak RSS {report['peak_rss_mb']:.0f} MB")
+        report["bf16_cpu"] = {k: v for k, v in bf16.items() if k != "peak_rss_mb"}
+    report.update(
+        peak_rss_mb=max(peak_by_figure.values(), default=0.0), peak_rss_mb_by_figure=peak_by_figure,
+        device=str(device), quick=args.quick, channels_last=args.channels_last, threads=info["threads"],
+    )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

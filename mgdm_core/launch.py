@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mgdm_core import distributed, tracking
+from mgdm_core import distributed, runtime, tracking
 from mgdm_core.config import Params, validate_params
 from mgdm_core.errors import MgdmError
 from mgdm_core.layout import Layout
@@ -55,6 +55,7 @@ def run_stage(
     """
     from mgdm_core.stages.common import dataset_name
 
+    runtime.configure_process()  # threads and allocator, for this process and the ones it starts
     module = stage_module(name)
     check_stage_inputs(name, params, layout)
     started = time.perf_counter()
@@ -114,6 +115,7 @@ def _worker(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         params = validate_params(json.loads(Path(args.params_json).read_text()), source=args.params_json)
+        runtime.configure_process()
         distributed.init_from_env(params.device)
         root = Path(args.root)
         tracker = tracking.attach(root, args.run_id) if distributed.is_main() and args.run_id else tracking.NullTracker()
