@@ -63,12 +63,15 @@ class DiffusionParams(Section):
     schedule: Literal["linear", "cosine"] = "linear"
     steps: int = Field(1000, ge=10, le=10000)
     learn_sigma: bool = True
-    # width, channel_mult, attention_resolutions: `auto` (or null) takes the preset for data.image_size
-    # (networks/presets.py: 28/32 px 64 x (1,2,2), 64 px 96 x (1,2,3,4), 128 px 128 x (1,1,2,3,4)).
+    # UNet channels at the first level; `auto` (or null): the preset for data.image_size
+    # (networks/presets.py: 64 up to 32 px, 96 at 64 px, 128 above).
     width: Auto[int] = Field(None, ge=8)
+    # UNet width multiplier per resolution level; `auto`: the preset (28/32 px 1,2,2; 64 px 1,2,3,4;
+    # 128 px 1,1,2,3,4).
     channel_mult: Auto[tuple[int, ...]] = None
     num_res_blocks: int = Field(2, ge=1)
-    attention_resolutions: Auto[tuple[int, ...]] = None  # feature-map sizes in pixels
+    # feature-map sizes in pixels where attention runs; `auto`: the two coarsest levels
+    attention_resolutions: Auto[tuple[int, ...]] = None
     num_heads: int = Field(4, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     scale_shift_norm: bool = True
@@ -94,10 +97,11 @@ class TrainDiffusionParams(Section):
 class ClassifierParams(Section):
     """The noise-aware classifier p(y | x_t, t) used for guidance."""
 
-    width: Auto[int] = Field(None, ge=8)  # width, channel_mult, attention_resolutions: `auto`/null = preset for the image size
+    # classifier channels at the first level; `auto` (or null): the preset (32 up to 32 px, 64 above)
+    width: Auto[int] = Field(None, ge=8)
     depth: int = Field(2, ge=1)
     channel_mult: Auto[tuple[int, ...]] = None
-    attention_resolutions: Auto[tuple[int, ...]] = None
+    attention_resolutions: Auto[tuple[int, ...]] = None  # attention sizes in pixels; `auto`: the two coarsest levels
     head_channels: int = Field(64, ge=8)
     pool: Literal["attention", "mean"] = "attention"
 
