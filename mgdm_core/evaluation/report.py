@@ -206,7 +206,8 @@ def verdict_sentence(network: str, conditions: Mapping[str, Any], baseline: str,
     parts = _verdicts(compared, baseline)
     stage2 = {c: e["vs_stage1"][metric] for c, e in conditions.items() if e.get("vs_stage1")}
     if stage2:
-        parts.append(f"stage 2 against {STAGE1} (Holm over {len(stage2)} measures): " + ", ".join(_verdicts(stage2, STAGE1)))
+        family2 = f"Holm over {len(stage2)} measures" if len(stage2) > 1 else "one measure"
+        parts.append(f"stage 2 against {STAGE1} ({family2}): " + ", ".join(_verdicts(stage2, STAGE1)))
     return f"{head}; Δ {name} with 95% intervals, {family}): {'; '.join(parts)}."
 
 
