@@ -146,11 +146,12 @@ class Bench:
         return timed
 
 
-def measure(bench: Bench, figure: str, quick: bool) -> float:
-    """images/s of one figure; sampling figures are for 50 steps (quick mode times 10 and divides by 5)."""
+def measure(bench: Bench, figure: str, quick: bool, spacing: str | None = None) -> float:
+    """images/s of one figure; sampling figures are for 50 steps (timed at `spacing`, quick mode at 10 steps, and scaled)."""
     if figure in ("train_diffusion", "train_classifier"):
         return images_per_second(getattr(bench, figure), BATCH, 3 if quick else 10, bench.device)
-    spacing, steps_factor = ("ddim10", 5.0) if quick else ("ddim50", 1.0)
+    spacing = spacing or ("ddim10" if quick else "ddim50")
+    steps_factor = 50 / len(respace(bench.schedule, spacing).timesteps)
     return images_per_second(bench.sampler(spacing, figure), BATCH, 1, bench.device) / steps_factor
 
 
@@ -173,7 +174,7 @@ def bf16_cpu_check(bench: Bench) -> dict[str, float]:
 def run_child(job: str, args: argparse.Namespace) -> dict[str, object]:
     """One job in this process: a figure's images/s, or the CPU bf16 check; with this process's peak RSS."""
     device = resolve_device(args.device)
-    runtime.configure_process(threads=args.threads if device.type == "cpu" else None)
+    runtime.configure_process(threads=args.threads if device.type == "cpu" else None, malloc=not args.default_malloc)
     bench = Bench(device, (lambda: autocast(device)) if device.type == "cuda" else contextlib.nullcontext, args.channels_last)
     result: dict[str, object] = {}
     if job == "params":
@@ -183,7 +184,13 @@ def run_child(job: str, args: argparse.Namespace) -> dict[str, object]:
     elif job == "bf16_cpu":
         result.update(bf16_cpu_check(bench))
     else:
-        result["img_per_s"] = measure(bench, job, args.quick)
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        result["img_per_s"] = measure(bench, job, args.quick, args.spacing)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        # Warm-up included: CPU seconds and page faults matter where wall clock is disturbed by other load.
+        result["cpu_s"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        result["sys_s"] = after.ru_stime - before.ru_stime
+        result["minor_faults"] = after.ru_minflt - before.ru_minflt
     if device.type == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     result["peak_rss_mb"] = peak_rss_mb()
@@ -193,7 +200,8 @@ def run_child(job: str, args: argparse.Namespace) -> dict[str, object]:
 def spawn(job: str, args: argparse.Namespace) -> dict[str, object]:
     """Run `job` in a child process (its own peak RSS) and return what it reports."""
     command = [sys.executable, __file__, "--child", job, "--device", args.device, "--threads", str(args.threads)]
-    command += ["--quick"] * args.quick + ["--channels-last"] * args.channels_last
+    command += ["--quick"] * args.quick + ["--channels-last"] * args.channels_last + ["--default-malloc"] * args.default_malloc
+    command += ["--spacing", args.spacing] if args.spacing else []
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT_JSON:")]
     if done.returncode != 0 or not lines:
@@ -210,6 +218,9 @@ def main() -> None:
     parser.add_argument("--skip-bf16-cpu", action="store_true", help="skip the one-off CPU bf16 comparison")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2: the reference machine)")
     parser.add_argument("--only", default=",".join(FIGURES), help=f"comma-separated figures (default: all of {', '.join(FIGURES)})")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's allocator at its defaults (A/B of mgdm_core.runtime's settings)")
+    parser.add_argument("--spacing", help="time sampling figures at this respacing (e.g. ddim2), still reported per 50 steps")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -232,7 +243,9 @@ def main() -> None:
         report[name] = result["img_per_s"]
         peak_by_figure[name] = float(result["peak_rss_mb"])
         cuda = f", peak CUDA {result['peak_cuda_mb']:.0f} MB" if "peak_cuda_mb" in result else ""
-        print(f"{name:>18}: {result['img_per_s']:8.3f} images/s, peak RSS {result['peak_rss_mb']:6.0f} MB{cuda}", flush=True)
+        report[f"{name}_usage"] = {k: result[k] for k in ("cpu_s", "sys_s", "minor_faults")}
+        print(f"{name:>18}: {result['img_per_s']:8.3f} images/s, peak RSS {result['peak_rss_mb']:6.0f} MB{cuda} "
+              f"(CPU {result['cpu_s']:.1f} s, of it system {result['sys_s']:.1f} s, {result['minor_faults']:,} page faults)", flush=True)
     if device.type == "cpu" and not args.skip_bf16_cpu:
         bf16 = spawn("bf16_cpu", args)
         print(
@@ -241,6 +254,7 @@ def main() -> None:
         )
         report["bf16_cpu"] = {k: v for k, v in bf16.items() if k != "peak_rss_mb"}
     report.update(
+        default_malloc=args.default_malloc, spacing=args.spacing,
         peak_rss_mb=max(peak_by_figure.values(), default=0.0), peak_rss_mb_by_figure=peak_by_figure,
         device=str(device), quick=args.quick, channels_last=args.channels_last, threads=info["threads"],
     )

@@ -78,14 +78,14 @@ def export_malloc_settings(env: dict[str, str] | None = None) -> dict[str, str]:
     return dict(target)
 
 
-def configure_process(threads: int | None = None) -> None:
-    """Threads (`threads`, else `cpu_threads()`) and allocator settings for this process; once per process
-    unless `threads` is given."""
+def configure_process(threads: int | None = None, *, malloc: bool = True) -> None:
+    """Threads (`threads`, else `cpu_threads()`) and, unless `malloc` is False (for A/B measurements),
+    allocator settings for this process; once per process unless `threads` is given."""
     global _configured
     if _configured and threads is None:
         return
     torch.set_num_threads(threads or cpu_threads())
-    if not _configured:
+    if not _configured and malloc:
         tuned = tune_malloc()
         export_malloc_settings()
         log.debug("runtime: %d threads, glibc malloc tuned: %s", torch.get_num_threads(), tuned)
