@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(exist_ok=True)
     mlflow_port, prefect_port = free_port(), free_port()
     mlflow_url, prefect_url = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}"
+    # This process's Prefect client talks to that server (set before anything imports prefect).
+    os.environ.update(PREFECT_API_URL=f"{prefect_url}/api", PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PREFECT_", "MLFLOW_")) and k not in ("DVC_STAGE", "DVC_EXP_NAME")}
     env.setdefault("OMP_NUM_THREADS", "1")  # several processes share few cores
@@ -176,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def served_deployment(prefect_url: str):
     """The `mgdm-pipeline/mgdm` deployment, once `flows.serve` has registered it."""
-    os.environ["PREFECT_API_URL"] = f"{prefect_url}/api"
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
