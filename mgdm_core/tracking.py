@@ -58,13 +58,13 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlruns.db'}"
 
 
-def _retry(fn, *args, **kwargs):
+def _retry(fn, *args, transient: tuple[str, ...] = ("locked",), **kwargs):
     """SQLite allows one writer at a time; parallel evaluation units may meet 'database is locked'."""
     for attempt in range(_RETRIES):
         try:
             return fn(*args, **kwargs)
         except MlflowException as exc:
-            if "locked" not in str(exc).lower() or attempt == _RETRIES - 1:
+            if not any(t in str(exc).lower() for t in transient) or attempt == _RETRIES - 1:
                 raise
             time.sleep(0.2 * 2**attempt)
     raise AssertionError("unreachable")
@@ -195,7 +195,9 @@ class Tracker:
                                                  name=item.name, digest=item.digest)
             entries.append(DatasetInput(Dataset(**dataset.to_dict()), [InputTag(MLFLOW_DATASET_CONTEXT, item.context)]))
         if entries:
-            _retry(self.client.log_inputs, self.run_id, datasets=entries)
+            # Two units logging the same new data set at once race on MLflow's get-or-create of the
+            # dataset row (a UNIQUE constraint error for the loser); a retry finds the row.
+            _retry(self.client.log_inputs, self.run_id, datasets=entries, transient=("locked", "unique constraint"))
 
     def log_model(self, model: Any, name: str, config: Mapping[str, Any], *,
                   tensor_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> str:

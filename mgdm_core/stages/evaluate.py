@@ -175,9 +175,9 @@ def run_unit(unit: Unit, params: Params, layout: Layout, tracker: Tracker, progr
     train_data = condition_data(unit.condition, data, layout)
     child = tracker.child(unit.name, {"stage": "evaluate", "kind": "unit", "network": unit.network,
                                       "condition": unit.condition, "seed": unit.seed, "dataset": data.dataset})
-    child.log_params(unit_params(unit, params, layout))
-    child.log_inputs(unit_inputs(unit, data, train_data, layout))
     try:
+        child.log_params(unit_params(unit, params, layout))
+        child.log_inputs(unit_inputs(unit, data, train_data, layout))
         result = train_and_test(
             network=unit.network, data=train_data,
             augment=unit.condition == "real+classic", epochs=e.epochs, batch_size=e.batch_size, lr=e.lr,
