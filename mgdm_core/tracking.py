@@ -225,13 +225,23 @@ class Tracker:
             config_file = Path(tmp) / "config.json"
             config_file.write_text(json.dumps(config, indent=2, default=str))
             logged = _retry(self.client.create_logged_model, self.experiment_id, name=name, source_run_id=self.run_id)
-            mlflow.set_tracking_uri(tracking_uri(self.root) if self.root is not None else mlflow.get_tracking_uri())
-            info = mlflow.pytorch.log_model(
-                model, name=name, model_id=logged.model_id, run_id=self.run_id, serialization_format="pickle",
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-                code_paths=[str(core)], extra_files=[str(config_file)], metadata={"config": dict(config)},
-                signature=signature,
-            )
+            # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which every later root and
+            # child process would inherit: restore the variable and the fluent URI afterwards.
+            saved_env, saved_uri = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
+            mlflow.set_tracking_uri(tracking_uri(self.root) if self.root is not None else saved_uri)
+            try:
+                info = mlflow.pytorch.log_model(
+                    model, name=name, model_id=logged.model_id, run_id=self.run_id, serialization_format="pickle",
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+                    code_paths=[str(core)], extra_files=[str(config_file)], metadata={"config": dict(config)},
+                    signature=signature,
+                )
+            finally:
+                mlflow.set_tracking_uri(saved_uri)
+                if saved_env is None:
+                    os.environ.pop("MLFLOW_TRACKING_URI", None)
+                else:
+                    os.environ["MLFLOW_TRACKING_URI"] = saved_env
         return info.model_id
 
     def child(self, name: str, tags: Mapping[str, Any]) -> "Tracker":
