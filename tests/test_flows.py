@@ -370,12 +370,33 @@ def _tail(path: Path, lines: int = 60) -> str:
 # --- failed runs -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def harness():
-    """A temporary Prefect API (its own SQLite database) for flows called in this process."""
-    from prefect.testing.utilities import prefect_test_harness
+def harness(tmp_path_factory):
+    """A temporary Prefect server (its own home and SQLite database) for flows called in this process.
 
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+    Started with the front door's own `flows.serve.start_server` / `wait_healthy` (a wall-clock
+    timeout) rather than `prefect_test_harness`, whose ephemeral server can respawn forever after
+    other tests in the same session ran (seen in a full `make test` on 2 busy cores).
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.serve import prefect_env, start_server, stop, wait_healthy
+
+    home = tmp_path_factory.mktemp("prefect-harness")
+    port = _free_port()
+    server = start_server("127.0.0.1", port, prefect_env(home), home / "server.log")
+    api = f"http://127.0.0.1:{port}/api"
+    saved = os.environ.get("PREFECT_API_URL")
+    try:
+        wait_healthy(api, 240, server)
+        os.environ["PREFECT_API_URL"] = api  # the flow's task processes read it from the environment
+        with temporary_settings({PREFECT_API_URL: api}):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = saved
+        stop(server)
 
 
 def _failure_markdown(flow_run_id) -> str:
