@@ -35,7 +35,7 @@ from mgdm_core.diffusion.sampling import ddim_invert, ddim_sample, initial_noise
 from mgdm_core.diffusion.schedule import respace
 from mgdm_core.layout import Layout
 from mgdm_core.plots import class_grid
-from mgdm_core.quality.by_step import balanced_labels, list_snapshots, unguided_sample
+from mgdm_core.quality.by_step import balanced_labels, choose_snapshots, list_snapshots, unguided_sample
 from mgdm_core.quality.features import features_and_probs, train_reference
 from mgdm_core.quality.judge import class_fidelity, saturated_fraction
 from mgdm_core.quality.metrics import frechet_distance
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--ddim", default="ddim50", help="DDIM respacing")
     parser.add_argument("--roundtrip-images", type=int, default=32)
     parser.add_argument("--reference-epochs", type=int, default=20)
+    parser.add_argument("--max-snapshots", type=int, default=8, help="evenly chosen, first and last always")
     parser.add_argument("--out", required=True, help="output stem, e.g. docs/results/generator_study")
     args = parser.parse_args()
 
@@ -101,7 +102,7 @@ def main() -> None:
     rt_schedule = respace(base, params.disturb.respacing)
 
     rows, first_last = [], []
-    snapshots = list_snapshots(layout.diffusion_snapshots_dir)
+    snapshots = choose_snapshots(list_snapshots(layout.diffusion_snapshots_dir), args.max_snapshots)
     if not snapshots:
         raise SystemExit(f"no snapshots in {layout.diffusion_snapshots_dir}")
     for step, path in snapshots:
