@@ -1,3 +1,4 @@
+import contextlib
 import os
 from pathlib import Path
 
@@ -44,3 +45,38 @@ def copy_repository(repo_root: Path, dest: Path, profile: str | None = "smoke") 
         merged = deep_merge(read_yaml(dest / "params.yaml"), read_yaml(dest / "profiles" / f"{profile}.yaml"))
         (dest / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
     return env
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path):
+    """A real, temporary Prefect server (own home and SQLite database) that flows in this process
+    and the processes it starts talk to (PREFECT_API_URL in the environment and in the settings).
+
+    Started with the front door's own `flows.serve.start_server` / `wait_healthy` (a wall-clock
+    timeout) rather than `prefect_test_harness`, whose ephemeral server respawned forever once
+    other tests had run in the same session (seen in a full `make test` on 2 busy cores).
+    """
+    import socket
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.serve import prefect_env, start_server, stop, wait_healthy
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home.mkdir(parents=True, exist_ok=True)
+    server = start_server("127.0.0.1", port, prefect_env(home), home / "server.log")
+    api = f"http://127.0.0.1:{port}/api"
+    saved = os.environ.get("PREFECT_API_URL")
+    try:
+        wait_healthy(api, 240, server)
+        os.environ["PREFECT_API_URL"] = api
+        with temporary_settings({PREFECT_API_URL: api}):
+            yield api
+    finally:
+        if saved is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = saved
+        stop(server)

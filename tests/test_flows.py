@@ -371,32 +371,11 @@ def _tail(path: Path, lines: int = 60) -> str:
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    """A temporary Prefect server (its own home and SQLite database) for flows called in this process.
+    """A temporary Prefect server for flows called in this process (see conftest.prefect_server)."""
+    from conftest import prefect_server
 
-    Started with the front door's own `flows.serve.start_server` / `wait_healthy` (a wall-clock
-    timeout) rather than `prefect_test_harness`, whose ephemeral server can respawn forever after
-    other tests in the same session ran (seen in a full `make test` on 2 busy cores).
-    """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.serve import prefect_env, start_server, stop, wait_healthy
-
-    home = tmp_path_factory.mktemp("prefect-harness")
-    port = _free_port()
-    server = start_server("127.0.0.1", port, prefect_env(home), home / "server.log")
-    api = f"http://127.0.0.1:{port}/api"
-    saved = os.environ.get("PREFECT_API_URL")
-    try:
-        wait_healthy(api, 240, server)
-        os.environ["PREFECT_API_URL"] = api  # the flow's task processes read it from the environment
-        with temporary_settings({PREFECT_API_URL: api}):
-            yield
-    finally:
-        if saved is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = saved
-        stop(server)
+    with prefect_server(tmp_path_factory.mktemp("prefect-harness")):
+        yield
 
 
 def _failure_markdown(flow_run_id) -> str:

@@ -66,8 +66,7 @@ def _state(path: Path, kind: str) -> tuple[dict, dict]:
 def test_a_prefect_run_gives_the_models_and_images_dvc_gives(dvc_run, repo_root, tmp_path):
     import torch
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
+    from conftest import prefect_server
     from flows import pipeline
 
     dvc_root, _ = dvc_run
@@ -76,7 +75,7 @@ def test_a_prefect_run_gives_the_models_and_images_dvc_gives(dvc_run, repo_root,
     shutil.copy(repo_root / "params.yaml", project / "params.yaml")
     shutil.copytree(repo_root / "profiles", project / "profiles")
     storage = tmp_path / "prefect-results"
-    with pytest.MonkeyPatch.context() as patch, prefect_test_harness(server_startup_timeout=120), \
+    with pytest.MonkeyPatch.context() as patch, prefect_server(tmp_path / "prefect-home"), \
             temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
         for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
             patch.delenv(name, raising=False)

@@ -157,8 +157,7 @@ def in_process(smoke):
 
 def _grid(smoke, runner: str) -> tuple[dict, dict]:
     """The Prefect evaluate-grid subflow on `runner` with two workers, on a throwaway Prefect server."""
-    from prefect.testing.utilities import prefect_test_harness
-
+    from conftest import prefect_server
     from flows import pipeline
 
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
@@ -167,7 +166,7 @@ def _grid(smoke, runner: str) -> tuple[dict, dict]:
     # Unit cache keys do not depend on the runner, so each runner gets its own result store:
     # otherwise the second grid would be served from the first one's cache.
     storage = layout.root / f".prefect-results-{runner}"
-    with pytest.MonkeyPatch.context() as patch, prefect_test_harness(server_startup_timeout=120), \
+    with pytest.MonkeyPatch.context() as patch, prefect_server(layout.root / f".prefect-home-{runner}"), \
             temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
         patch.setenv("MLFLOW_TRACKING_URI", uri)  # the worker processes inherit it
         patch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(storage))

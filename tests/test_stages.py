@@ -119,9 +119,14 @@ def test_mlflow_holds_one_child_run_per_stage_and_one_per_evaluation_unit(smoke)
     assert sorted(r.data.tags["stage"] for r in stage_runs) == sorted(STAGES)
     assert all(r.info.status == "FINISHED" for r in stage_runs)
     evaluate_id = next(r.info.run_id for r in stage_runs if r.data.tags["stage"] == "evaluate")
-    units = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == evaluate_id]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == evaluate_id]
+    units = [r for r in children if r.data.tags.get("kind") == "unit"]
+    summaries = [r for r in children if r.data.tags.get("kind") == "summary"]
     n_conditions = 2 + len(params.disturb.measures)
     assert len(units) == len(params.evaluate.networks) * n_conditions * len(params.evaluate.seeds)
+    # One summary run per (network, condition), beside the unit runs.
+    assert len(summaries) == len(params.evaluate.networks) * n_conditions
+    assert len(children) == len(units) + len(summaries)
     assert {"network", "condition", "seed", "dataset"} <= set(units[0].data.tags)
     assert "auc" in units[0].data.metrics
 
