@@ -131,7 +131,8 @@ def _unit_metrics(uri: str, stage_run_id: str) -> dict[str, dict[str, float]]:
     experiment = client.get_experiment_by_name("mgdm")
     runs = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{stage_run_id}'", max_results=100)
     assert all(r.info.status == "FINISHED" for r in runs)
-    return {r.info.run_name: r.data.metrics for r in runs}
+    # The unit runs; the per-(network, condition) summary runs sit beside them.
+    return {r.info.run_name: r.data.metrics for r in runs if r.data.tags.get("kind") == "unit"}
 
 
 @pytest.fixture(scope="module")
