@@ -26,7 +26,7 @@ demo: install
 
 ## test: the whole suite (closed-form maths, stages, dvc repro on the smoke profile, Prefect)
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

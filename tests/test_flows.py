@@ -369,12 +369,12 @@ def _tail(path: Path, lines: int = 60) -> str:
 
 # --- failed runs -------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    """A temporary Prefect server for flows called in this process (see conftest.prefect_server)."""
-    from conftest import prefect_server
+@pytest.fixture
+def harness(prefect_api):
+    """Flows called in this process talk to the session's temporary Prefect server (conftest)."""
+    from conftest import pointing_at
 
-    with prefect_server(tmp_path_factory.mktemp("prefect-harness")):
+    with pointing_at(prefect_api):
         yield
 
 
@@ -388,7 +388,7 @@ def _failure_markdown(flow_run_id) -> str:
     return artifact.data
 
 
-@pytest.mark.slow  # a temporary Prefect server: about 1.5 min to start on 2 busy cores
+@pytest.mark.slow  # a temporary Prefect server (shared by the session): about 1 min to start
 def test_a_failed_run_leaves_an_artifact_naming_the_stage_and_why(harness, project: Path, monkeypatch) -> None:
     from mlflow import MlflowClient
 

@@ -63,10 +63,10 @@ def _state(path: Path, kind: str) -> tuple[dict, dict]:
     return load_checkpoint(path, kind=kind, map_location="cpu")
 
 
-def test_a_prefect_run_gives_the_models_and_images_dvc_gives(dvc_run, repo_root, tmp_path):
+def test_a_prefect_run_gives_the_models_and_images_dvc_gives(dvc_run, repo_root, tmp_path, prefect_api):
     import torch
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from conftest import prefect_server
+    from conftest import pointing_at
     from flows import pipeline
 
     dvc_root, _ = dvc_run
@@ -75,7 +75,7 @@ def test_a_prefect_run_gives_the_models_and_images_dvc_gives(dvc_run, repo_root,
     shutil.copy(repo_root / "params.yaml", project / "params.yaml")
     shutil.copytree(repo_root / "profiles", project / "profiles")
     storage = tmp_path / "prefect-results"
-    with pytest.MonkeyPatch.context() as patch, prefect_server(tmp_path / "prefect-home"), \
+    with pytest.MonkeyPatch.context() as patch, pointing_at(prefect_api), \
             temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
         for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
             patch.delenv(name, raising=False)

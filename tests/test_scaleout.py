@@ -156,9 +156,9 @@ def in_process(smoke):
     return reference
 
 
-def _grid(smoke, runner: str) -> tuple[dict, dict]:
-    """The Prefect evaluate-grid subflow on `runner` with two workers, on a throwaway Prefect server."""
-    from conftest import prefect_server
+def _grid(smoke, runner: str, prefect_api: str) -> tuple[dict, dict]:
+    """The Prefect evaluate-grid subflow on `runner` with two workers, on the session's Prefect server."""
+    from conftest import pointing_at
     from flows import pipeline
 
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
@@ -167,7 +167,7 @@ def _grid(smoke, runner: str) -> tuple[dict, dict]:
     # Unit cache keys do not depend on the runner, so each runner gets its own result store:
     # otherwise the second grid would be served from the first one's cache.
     storage = layout.root / f".prefect-results-{runner}"
-    with pytest.MonkeyPatch.context() as patch, prefect_server(layout.root / f".prefect-home-{runner}"), \
+    with pytest.MonkeyPatch.context() as patch, pointing_at(prefect_api), \
             temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
         patch.setenv("MLFLOW_TRACKING_URI", uri)  # the worker processes inherit it
         patch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(storage))
@@ -195,19 +195,19 @@ def _check_same_grid(smoke, out: dict, written: dict, reference: dict) -> None:
     assert written == reference
     # Each unit logged its own finished run on the shared server, under this evaluate stage run.
     assert set(_unit_metrics(uri, out["mlflow_run_id"])) == {u.name for u in units}
-    # Every run id the grid reports is a run under this stage run. (Known gap, left open: under the
-    # Prefect grid the reported per-unit ids collapse to fewer distinct values than units.)
+    # Every unit reports its own run, a run under this stage run.
+    assert len(set(out["units"].values())) == len(units), out["units"]
     assert set(out["units"].values()) <= set(_run_ids(uri, out["mlflow_run_id"]))
 
 
-def test_evaluation_grid_on_a_dask_cluster_matches_the_in_process_run(smoke, in_process) -> None:
+def test_evaluation_grid_on_a_dask_cluster_matches_the_in_process_run(smoke, in_process, prefect_api) -> None:
     pytest.importorskip("prefect_dask")
-    out, written = _grid(smoke, "dask")
+    out, written = _grid(smoke, "dask", prefect_api)
     _check_same_grid(smoke, out, written, in_process)
 
 
-def test_evaluation_grid_in_prefect_worker_processes_matches_the_in_process_run(smoke, in_process) -> None:
-    out, written = _grid(smoke, "processes")
+def test_evaluation_grid_in_prefect_worker_processes_matches_the_in_process_run(smoke, in_process, prefect_api) -> None:
+    out, written = _grid(smoke, "processes", prefect_api)
     _check_same_grid(smoke, out, written, in_process)
 
 

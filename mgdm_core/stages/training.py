@@ -86,8 +86,11 @@ class TrainingRun:
         main = distributed.is_main()
         if main:
             ensure_writable_dir(self.checkpoint_dir)
-            # Temp files of a checkpoint write that was killed (this directory is this stage's own).
-            remove_stale_temps(self.checkpoint_dir)
+            # Temp files of a checkpoint or snapshot write that was killed (this directory, snapshots
+            # included, is this stage's own).
+            remove_stale_temps(self.checkpoint_dir, recursive=True)
+            if self.snapshot_dir is not None:
+                remove_stale_temps(self.snapshot_dir)
             self._discard_stale(steps)
         distributed.barrier()
         curve_path = self.checkpoint_dir / CURVE
