@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for the server")
     args = parser.parse_args(argv)
 
+    _stop_on_signals()
     env = prefect_env()
     Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     if args.max_workers:
@@ -132,6 +133,18 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             stop(server)
     return 0
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM (what `kill`, systemd and container runtimes send) both end serve
+    through its `finally`, which stops the server it started (a plain SIGTERM would orphan it).
+    A shell that starts us in the background (`make serve &`) makes us ignore SIGINT: undo that."""
+
+    def terminate(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 if __name__ == "__main__":

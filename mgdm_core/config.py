@@ -92,6 +92,8 @@ class TrainDiffusionParams(Section):
     random_flip: bool = True
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
+    # DDPM respacing of the sample grid drawn after training (plots/train_diffusion_samples.png)
+    preview_respacing: str = "100"
 
 
 class ClassifierParams(Section):

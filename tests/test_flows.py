@@ -294,6 +294,7 @@ def test_served_deployment_runs_and_caches(project: Path, repo_root: Path, tmp_p
                MGDM_PREFECT_MAX_WORKERS="2", PYTHONUNBUFFERED="1")
     log = open(tmp_path / "serve.log", "wb")
     # The real front door: `python -m flows.serve` starts the server and serves the deployment.
+    orphaned = False
     serve = subprocess.Popen([sys.executable, "-m", "flows.serve", "--port", str(port), "--startup-timeout", "150"],
                              cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -347,7 +348,7 @@ def test_served_deployment_runs_and_caches(project: Path, repo_root: Path, tmp_p
             print(f"first run {first_seconds:.1f} s, cached rerun {second_seconds:.1f} s")
     finally:
         if serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C: flows.serve stops the runner and its server
+            os.killpg(serve.pid, signal.SIGTERM)  # `kill`: flows.serve stops the runner and its server
             try:
                 serve.wait(90)
             except subprocess.TimeoutExpired:
@@ -358,9 +359,11 @@ def test_served_deployment_runs_and_caches(project: Path, repo_root: Path, tmp_p
         if pid_file.is_file():
             try:
                 os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+                orphaned = True
             except ProcessLookupError:
                 pass
         log.close()
+    assert not orphaned, "flows.serve left its Prefect server running after SIGTERM"
 
 
 def _tail(path: Path, lines: int = 60) -> str:

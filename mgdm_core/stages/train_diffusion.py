@@ -31,6 +31,7 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     data = load_prepared(layout)
     config = unet_config(params, data.image_size, data.channels, data.num_classes)
     schedule = diffusion_schedule(params)
+    preview = respace(schedule, hp.preview_respacing)  # a bad value fails here, not after training
     torch.manual_seed(params.seed)  # the initial weights
     model = UNet(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -64,7 +65,7 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
         stage="train_diffusion",
         kind="unet",
         checkpoint_dir=layout.diffusion_dir,
-        config={"model": config.model_dump(mode="json"), "train": hp.model_dump(mode="json", exclude={"steps", "checkpoint_every", "log_every"}),
+        config={"model": config.model_dump(mode="json"), "train": hp.model_dump(mode="json", exclude={"steps", "checkpoint_every", "log_every", "preview_respacing"}),
                 "diffusion": {"schedule": params.diffusion.schedule, "steps": params.diffusion.steps},
                 "data": data.digest, "seed": params.seed},
         tracker=tracker,
@@ -83,18 +84,18 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     save_checkpoint(layout.diffusion_model, kind="unet", config=config.model_dump(mode="json"),
                     state={"model": ema.state_dict()})
 
-    # A quick look at what the EMA model draws: unguided ancestral sampling (100 steps), 8 per
-    # class, fixed seeds. DDPM rather than DDIM: a deterministic DDIM path drifts off the data for
+    # A quick look at what the EMA model draws: unguided ancestral sampling
+    # (`preview_respacing`, 100 steps by default), 8 per class, fixed seeds. DDPM rather than DDIM: a deterministic DDIM path drifts off the data for
     # some seeds when the model is briefly trained, which would misjudge the training itself.
     per_class = max(2, 16 // data.num_classes)  # 16 images in all (8 per class with two classes)
     y = torch.arange(data.num_classes).repeat_interleave(per_class).to(device)
     seeds = [params.seed * 1_000_003 + 7919 * i for i in range(len(y))]
     x_T = initial_noise(seeds, (data.channels, data.image_size, data.image_size), device, torch.float32)
     with torch.no_grad():
-        samples = ddpm_sample(ema, x_T, respace(schedule, "100"), y=y, noise=PerImageNoise(seeds, device))
+        samples = ddpm_sample(ema, x_T, preview, y=y, noise=PerImageNoise(seeds, device))
     grid = layout.plot_file("train_diffusion_samples.png")
     class_grid(from_model_tensor(samples.cpu()), y.cpu().numpy(), data.class_names, grid, per_class,
-               title=f"EMA samples after {hp.steps} steps (unguided DDPM, 100 steps)")
+               title=f"EMA samples after {hp.steps} steps (unguided DDPM, {preview.num_timesteps} steps)")
     tracker.log_artifact(grid, "samples")
     # An MLflow model (pytorch flavour) with its architecture and training config; the .pt file
     # itself is a DVC output.
