@@ -97,3 +97,31 @@ def prefect_api(tmp_path_factory) -> str:
     Tests that need a result store of their own set PREFECT_LOCAL_STORAGE_PATH themselves."""
     with started_prefect_server(tmp_path_factory.mktemp("prefect-home")) as api:
         yield api
+
+
+GIT_USER = {"GIT_AUTHOR_NAME": "mgdm test", "GIT_AUTHOR_EMAIL": "test@mgdm.invalid",
+            "GIT_COMMITTER_NAME": "mgdm test", "GIT_COMMITTER_EMAIL": "test@mgdm.invalid"}
+
+
+def run_ok(args, cwd, env, timeout: int = 900) -> str:
+    """Run a command; fail the test with its output tail unless it succeeds. Returns stdout + stderr."""
+    import subprocess
+
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="session")
+def dvc_smoke_experiment(repo_root, tmp_path_factory):
+    """A clean clone (params.yaml as committed, one git commit) and `mgdm repro --profile smoke`
+    in it: the whole chain once, as a DVC experiment. Shared by the DVC front-door tests and the
+    Prefect test that compares its models and images with DVC's. Returns (root, env, output)."""
+    import sys
+
+    root = tmp_path_factory.mktemp("clone")
+    env = {**copy_repository(repo_root, root, profile=None), **GIT_USER}
+    run_ok(["git", "add", "-A"], root, env)
+    run_ok(["git", "commit", "-q", "-m", "clean clone"], root, env)
+    output = run_ok([sys.executable, "-m", "mgdm_core", "repro", "--profile", "smoke"], root, env)
+    return root, env, output

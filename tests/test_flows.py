@@ -276,8 +276,37 @@ def _wait_for_deployment(client, name: str, timeout: float) -> None:
             time.sleep(1)
 
 
+def _same_models_and_stage1_images(dvc_root: Path, prefect_root: Path, counts) -> None:
+    """Bit for bit: both trained models (config and every tensor) and every stage-1 file."""
+    import torch
+
+    from mgdm_core.training.checkpoint import load_checkpoint
+
+    for name, kind in (("diffusion.pt", "unet"), ("classifier.pt", "classifier")):
+        (dvc_config, dvc_state), (prefect_config, prefect_state) = (
+            load_checkpoint(r / "models" / name, kind=kind, map_location="cpu") for r in (dvc_root, prefect_root))
+        assert prefect_config == dvc_config, name
+        weights, theirs = dvc_state["model"], prefect_state["model"]
+        assert weights.keys() == theirs.keys()
+        differing = [k for k in weights if not torch.equal(weights[k], theirs[k])]
+        assert differing == [], f"{name}: {len(differing)} tensors differ, e.g. {differing[:3]}"
+
+    def stage1(root: Path) -> dict[str, bytes]:
+        folder = root / "synthetic" / "stage1"
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+                and not p.name.startswith(".")}
+
+    dvc_images, prefect_images = stage1(dvc_root), stage1(prefect_root)
+    assert len([n for n in dvc_images if n.endswith(".png")]) == sum(counts)
+    assert prefect_images.keys() == dvc_images.keys()
+    assert [n for n in dvc_images if prefect_images[n] != dvc_images[n]] == []
+
+
 @pytest.mark.slow
-def test_served_deployment_runs_and_caches(project: Path, repo_root: Path, tmp_path: Path) -> None:
+def test_served_deployment_runs_and_caches(project: Path, repo_root: Path, tmp_path: Path, dvc_smoke_experiment) -> None:
+    """The real front door (`python -m flows.serve`, a deployment run as the UI starts one): every
+    stage runs and logs, a second run is served from the cache, and the run gives bit for bit the
+    models and stage-1 images that `mgdm repro --profile smoke` (DVC) gives."""
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
@@ -333,6 +362,10 @@ def test_served_deployment_runs_and_caches(project: Path, repo_root: Path, tmp_p
             assert all(c.data.tags["prefect_flow_run_id"] == str(first.id) for c in children)
             disturb = next(c for c in children if c.data.tags["stage"] == "disturb")
             assert disturb.data.params["disturb.scale"] == "2.0"
+            # One lineage from both front doors (the form's disturb and measure fields change
+            # neither the models nor stage 1).
+            counts = resolve_params(PipelineOptions(project_root=str(project), profile="smoke")).generate.counts
+            _same_models_and_stage1_images(dvc_smoke_experiment[0], project, counts)
 
             second, second_seconds = run()
             assert second.state is not None and second.state.is_completed(), second.state

@@ -1,49 +1,39 @@
-"""One lineage from every front door, on the smoke profile, from a clean clone:
+"""The DVC front door end to end, from a clean clone, on the smoke profile (one chain for all):
 
-* `mgdm repro --profile smoke` is a DVC experiment (`dvc exp run -S ...`): `dvc exp show` lists
-  it, and the tracked params.yaml is left exactly as committed;
-* a Prefect run of the same profile gives bit for bit the models and stage-1 images DVC gives.
+* `mgdm repro --profile smoke` is a DVC experiment (`dvc exp run -S ...`): it runs every stage,
+  `dvc exp show` lists it, the tracked params.yaml is left exactly as committed, and every stage
+  run nests under one MLflow pipeline run;
+* applied to the workspace, the experiment reproduces to nothing, and a changed `disturb`
+  parameter reruns exactly `disturb`, `quality` and `evaluate` (grouped under one MLflow run);
+* input data under data/raw is a dependency of prepare.
+
+The Prefect front door's run of the same profile is compared with this one, model for model and
+image for image, in test_flows.py (test_served_deployment_runs_and_caches).
 """
 
 import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
+import re
 
 import pytest
+import yaml
 
-from conftest import copy_repository
-from mgdm_core.config import load_params
+from conftest import run_ok
 
 pytestmark = pytest.mark.slow
 
-GIT_USER = {"GIT_AUTHOR_NAME": "mgdm test", "GIT_AUTHOR_EMAIL": "test@mgdm.invalid",
-            "GIT_COMMITTER_NAME": "mgdm test", "GIT_COMMITTER_EMAIL": "test@mgdm.invalid"}
+STAGE_ORDER = ["prepare", "train_diffusion", "train_classifier", "generate", "disturb", "quality", "evaluate"]
 
 
-def sh(args, cwd, env):
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([a-z_]+)'", output)
 
 
-@pytest.fixture(scope="module")
-def dvc_run(repo_root, tmp_path_factory):
-    """A clean clone (params.yaml as committed) and `mgdm repro --profile smoke` in it."""
-    root = tmp_path_factory.mktemp("clone")
-    env = {**copy_repository(repo_root, root, profile=None), **GIT_USER}
-    sh(["git", "add", "-A"], root, env)
-    sh(["git", "commit", "-q", "-m", "clean clone"], root, env)
-    sh([sys.executable, "-m", "mgdm_core", "repro", "--profile", "smoke"], root, env)
-    return root, env
-
-
-def test_a_profile_run_is_a_dvc_experiment_and_leaves_params_yaml_as_committed(dvc_run):
-    root, env = dvc_run
-    assert sh(["git", "status", "--porcelain", "params.yaml"], root, env) == ""
-    assert sh(["git", "diff", "params.yaml"], root, env) == ""
-    shown = json.loads(sh(["dvc", "exp", "show", "--json"], root, env))
+def test_a_profile_run_is_a_dvc_experiment_and_leaves_params_yaml_as_committed(dvc_smoke_experiment):
+    root, env, output = dvc_smoke_experiment
+    assert stages_run(output) == STAGE_ORDER
+    assert run_ok(["git", "status", "--porcelain", "params.yaml"], root, env) == ""
+    assert run_ok(["git", "diff", "params.yaml"], root, env) == ""
+    shown = json.loads(run_ok(["dvc", "exp", "show", "--json"], root, env))
     experiments = [exp for baseline in shown for exp in (baseline.get("experiments") or [])]
     assert len(experiments) == 1, shown
     revision = experiments[0]["revs"][0]["data"]
@@ -51,54 +41,55 @@ def test_a_profile_run_is_a_dvc_experiment_and_leaves_params_yaml_as_committed(d
     assert steps == 12  # the smoke profile's value, recorded in the experiment (params.yaml says 1000)
     # The outputs in the workspace are the experiment's; DVC shows their headline rows, readably.
     assert json.loads((root / "metrics" / "train_diffusion.json").read_text())
-    shown = sh(["dvc", "metrics", "show"], root, env)
+    assert (root / "metrics" / "evaluate.json").is_file() and (root / "dvc.lock").is_file()
+    shown = run_ok(["dvc", "metrics", "show"], root, env)
     rows = [line.split()[0] for line in shown.splitlines()[1:] if line.strip()]
     assert rows and all(r.startswith(("metrics/evaluate/", "metrics/quality/")) for r in rows), shown
+    assert "metrics/evaluate/simple_cnn/real+stage1.json" in shown and "metrics/quality/stage1.json" in shown
     assert max(len(line) for line in shown.splitlines()) <= 120, shown
 
 
-def _state(path: Path, kind: str) -> tuple[dict, dict]:
-    from mgdm_core.training.checkpoint import load_checkpoint
+def test_mgdm_repro_nests_every_stage_under_one_pipeline_run(dvc_smoke_experiment):
+    from mlflow import MlflowClient
 
-    return load_checkpoint(path, kind=kind, map_location="cpu")
+    root, _, _ = dvc_smoke_experiment
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("mgdm")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("kind") == "pipeline" and "run_group" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.params["disturb.scale"]  # mgdm repro logs the full resolved parameters
+    children = {r.data.tags["stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert children == set(STAGE_ORDER)
 
 
-def test_a_prefect_run_gives_the_models_and_images_dvc_gives(dvc_run, repo_root, tmp_path, prefect_api):
-    import torch
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from conftest import pointing_at
-    from flows import pipeline
+def test_the_applied_experiment_reproduces_nothing_then_only_what_changed(dvc_smoke_experiment):
+    from mlflow import MlflowClient
 
-    dvc_root, _ = dvc_run
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(repo_root / "params.yaml", project / "params.yaml")
-    shutil.copytree(repo_root / "profiles", project / "profiles")
-    storage = tmp_path / "prefect-results"
-    with pytest.MonkeyPatch.context() as patch, pointing_at(prefect_api), \
-            temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
-        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
-            patch.delenv(name, raising=False)
-        patch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(storage))
-        result = pipeline.mgdm_pipeline(pipeline.PipelineOptions(project_root=str(project), profile="smoke"))
-    assert result["stages"]["train_diffusion"] == "ran" and result["stages"]["train_classifier"] == "ran"
+    root, env, _ = dvc_smoke_experiment
+    (name,) = run_ok(["dvc", "exp", "list", "--name-only"], root, env).split()
+    run_ok(["dvc", "exp", "apply", name], root, env)
+    assert yaml.safe_load((root / "params.yaml").read_text())["train_diffusion"]["steps"] == 12
+    assert stages_run(run_ok(["dvc", "repro"], root, env)) == []
 
-    for name, kind in (("diffusion.pt", "unet"), ("classifier.pt", "classifier")):
-        (dvc_config, dvc_state), (prefect_config, prefect_state) = (
-            _state(r / "models" / name, kind) for r in (dvc_root, project))
-        assert prefect_config == dvc_config, name
-        weights, theirs = dvc_state["model"], prefect_state["model"]
-        assert weights.keys() == theirs.keys()
-        differing = [k for k in weights if not torch.equal(weights[k], theirs[k])]
-        assert differing == [], f"{name}: {len(differing)} tensors differ, e.g. {differing[:3]}"
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["disturb"]["scale"] = params["disturb"]["scale"] + 1.5
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stages_run(run_ok(["dvc", "repro"], root, env)) == ["disturb", "quality", "evaluate"]
 
-    def stage1(root: Path) -> dict[str, bytes]:
-        folder = root / "synthetic" / "stage1"
-        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-                and not p.name.startswith(".")}
+    # The plain `dvc repro` grouped its stage runs under one parent run of its own.
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("mgdm").experiment_id], max_results=1000)
+    (group,) = [r for r in runs if "run_group" in r.data.tags]
+    assert group.info.run_name == "dvc repro" and group.info.status == "FINISHED"
+    grouped = {r.data.tags["stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == group.info.run_id}
+    assert grouped == {"disturb", "quality", "evaluate"}
 
-    dvc_images, prefect_images = stage1(dvc_root), stage1(project)
-    counts = load_params(repo_root / "params.yaml", "smoke").generate.counts
-    assert len([n for n in dvc_images if n.endswith(".png")]) == sum(counts)
-    assert prefect_images.keys() == dvc_images.keys()
-    assert [n for n in dvc_images if prefect_images[n] != dvc_images[n]] == []
+
+def test_changed_input_data_makes_prepare_stale(dvc_smoke_experiment):
+    """Input data under data/raw (where `dvc add` / `dvc import` put it) is a dependency of prepare."""
+    root, env, _ = dvc_smoke_experiment
+    assert "prepare" not in run_ok(["dvc", "status", "prepare"], root, env)
+    (root / "data" / "raw" / "new-set.npz").write_bytes(b"another data set")
+    status = run_ok(["dvc", "status", "prepare"], root, env)
+    assert "prepare" in status and "data/raw" in status
