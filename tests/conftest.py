@@ -48,31 +48,6 @@ def copy_repository(repo_root: Path, dest: Path, profile: str | None = "smoke") 
 
 
 @contextlib.contextmanager
-def started_prefect_server(home: Path):
-    """A real, temporary Prefect server (own home and SQLite database); yields its API URL.
-
-    Started with the front door's own `flows.serve.start_server` / `wait_healthy` (a wall-clock
-    timeout) rather than `prefect_test_harness`, whose ephemeral server respawned forever once
-    other tests had run in the same session (seen in a full `make test` on 2 busy cores).
-    """
-    import socket
-
-    from flows.serve import prefect_env, start_server, stop, wait_healthy
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    home.mkdir(parents=True, exist_ok=True)
-    server = start_server("127.0.0.1", port, prefect_env(home), home / "server.log")
-    api = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_healthy(api, 240, server)
-        yield api
-    finally:
-        stop(server)
-
-
-@contextlib.contextmanager
 def pointing_at(api: str):
     """Flows called in this process, and the processes it starts, talk to the server at `api`
     (PREFECT_API_URL in the environment and in the settings) until the block ends."""
@@ -92,11 +67,30 @@ def pointing_at(api: str):
 
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory) -> str:
-    """One temporary Prefect server for every test that runs flows in-process (starting one costs
-    about a minute on 2 busy cores, so the session shares it); use it with `pointing_at(api)`.
-    Tests that need a result store of their own set PREFECT_LOCAL_STORAGE_PATH themselves."""
-    with started_prefect_server(tmp_path_factory.mktemp("prefect-home")) as api:
+    """A real, temporary Prefect server (own home and SQLite database) for every test that runs
+    flows in-process; yields its API URL, to use with `pointing_at(api)`. The session shares it
+    (starting one costs about a minute on 2 busy cores); tests that need a result store of their
+    own set PREFECT_LOCAL_STORAGE_PATH themselves.
+
+    Started with the front door's own `flows.serve.start_server` / `wait_healthy` (a wall-clock
+    timeout) rather than `prefect_test_harness`, whose ephemeral server respawned forever once
+    other tests had run in the same session (seen in a full `make test` on 2 busy cores).
+    """
+    import socket
+
+    from flows.serve import prefect_env, start_server, stop, wait_healthy
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = tmp_path_factory.mktemp("prefect-home")
+    server = start_server("127.0.0.1", port, prefect_env(home), home / "server.log")
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_healthy(api, 240, server)
         yield api
+    finally:
+        stop(server)
 
 
 GIT_USER = {"GIT_AUTHOR_NAME": "mgdm test", "GIT_AUTHOR_EMAIL": "test@mgdm.invalid",

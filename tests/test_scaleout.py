@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import copy_repository
+from conftest import copy_repository, run_ok
 from flows.serve import wait_healthy
 
 pytestmark = pytest.mark.slow
@@ -240,12 +240,6 @@ def test_grid_runner_choices() -> None:
 
 # --- a DVC remote -----------------------------------------------------------------------------
 
-def _sh(args, cwd, env):
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout + done.stderr
-
-
 def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -253,19 +247,19 @@ def _tree(folder: Path) -> dict[str, bytes]:
 def test_dvc_push_then_pull_restores_outputs_from_a_remote(repo_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "repo"
     env = copy_repository(repo_root, root)
-    _sh(["dvc", "repro", "prepare"], root, env)
+    run_ok(["dvc", "repro", "prepare"], root, env)
     prepared = root / "data" / "prepared"
     before = _tree(prepared)
     assert "train.npz" in before and "classes.json" in before
 
     remote = tmp_path / "remote"
-    _sh(["dvc", "remote", "add", "-d", "shared", str(remote)], root, env)
-    _sh(["dvc", "push"], root, env)
+    run_ok(["dvc", "remote", "add", "-d", "shared", str(remote)], root, env)
+    run_ok(["dvc", "push"], root, env)
     assert any(p.is_file() for p in remote.rglob("*"))
 
     shutil.rmtree(root / ".dvc" / "cache")
     shutil.rmtree(prepared)
     # Pull the stage we ran: a bare `dvc pull` also asks for the outputs of stages never run here.
-    _sh(["dvc", "pull", "prepare"], root, env)
+    run_ok(["dvc", "pull", "prepare"], root, env)
     assert _tree(prepared) == before
-    assert "up to date" in _sh(["dvc", "status", "prepare"], root, env)  # the workspace matches dvc.lock again
+    assert "up to date" in run_ok(["dvc", "status", "prepare"], root, env)  # the workspace matches dvc.lock again

@@ -84,9 +84,10 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     save_checkpoint(layout.diffusion_model, kind="unet", config=config.model_dump(mode="json"),
                     state={"model": ema.state_dict()})
 
-    # A quick look at what the EMA model draws: unguided ancestral sampling
-    # (`preview_respacing`, 100 steps by default), 8 per class, fixed seeds. DDPM rather than DDIM: a deterministic DDIM path drifts off the data for
-    # some seeds when the model is briefly trained, which would misjudge the training itself.
+    # A quick look at what the EMA model draws: unguided ancestral sampling (`preview_respacing`,
+    # 100 steps by default), 8 per class, fixed seeds. DDPM rather than DDIM: a deterministic DDIM
+    # path drifts off the data for some seeds when the model is briefly trained, which would
+    # misjudge the training itself.
     per_class = max(2, 16 // data.num_classes)  # 16 images in all (8 per class with two classes)
     y = torch.arange(data.num_classes).repeat_interleave(per_class).to(device)
     seeds = [params.seed * 1_000_003 + 7919 * i for i in range(len(y))]

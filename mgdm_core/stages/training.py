@@ -89,8 +89,6 @@ class TrainingRun:
             # Temp files of a checkpoint or snapshot write that was killed (this directory, snapshots
             # included, is this stage's own).
             remove_stale_temps(self.checkpoint_dir, recursive=True)
-            if self.snapshot_dir is not None:
-                remove_stale_temps(self.snapshot_dir)
             self._discard_stale(steps)
         distributed.barrier()
         curve_path = self.checkpoint_dir / CURVE
