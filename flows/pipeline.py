@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import time
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,12 +28,11 @@ from prefect.states import State
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field
 
-import mgdm_core
 from mgdm_core import progress, tracking
 from mgdm_core.config import MEASURES, Measure, Params, load_params
 from mgdm_core.errors import ConfigError, MgdmError
 from mgdm_core.evaluation.networks import NETWORKS
-from mgdm_core.io import tree_digest
+from mgdm_core.io import source_digest, tree_digest
 from mgdm_core.layout import Layout
 from mgdm_core.launch import run_stage
 from mgdm_core.stages import STAGES, reads, stage_module
@@ -220,17 +218,6 @@ def outputs_digest(stage: str, params: Params, layout: Layout) -> dict[str, str 
     return {layout.relative(p): path_digest(p) for p in output_paths(stage, params, layout)}
 
 
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """Hash of the mgdm_core sources: a code change invalidates every stage (coarse but safe)."""
-    core = Path(mgdm_core.__file__).resolve().parent
-    digest = hashlib.sha256()
-    for file in sorted(core.rglob("*.py")):
-        digest.update(str(file.relative_to(core)).encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def cache_key(stage: str, params: Params, layout: Layout, unit: str | None = None) -> str:
     """Stage name + its READS values + its upstream files + the code version (+ the grid unit)."""
     payload = {
@@ -239,7 +226,7 @@ def cache_key(stage: str, params: Params, layout: Layout, unit: str | None = Non
         "root": str(layout.root),  # the result store may be shared by several projects
         "reads": reads(params, stage_module(stage).READS),
         "upstream": {str(p): path_digest(p) for p in upstream_paths(stage, params, layout)},
-        "code": code_version(),
+        "code": source_digest(),
     }
     return f"mgdm-{stage}-" + hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

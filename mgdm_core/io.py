@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -248,6 +249,18 @@ def read_manifest(path: str | os.PathLike[str]) -> list[dict[str, str]]:
         raise DataError(f"{file}: manifest not found") from exc
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{file}: manifest is not a readable CSV ({exc})") from exc
+
+
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """Hash of the mgdm_core sources (names and bytes): a code change invalidates whatever was
+    keyed on it (Prefect's stage cache, an interrupted evaluation's finished units). Coarse but safe."""
+    core = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for file in sorted(core.rglob("*.py")):
+        digest.update(str(file.relative_to(core)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def tree_digest(path: str | os.PathLike[str]) -> str | None:

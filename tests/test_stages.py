@@ -199,3 +199,56 @@ def test_dropping_a_measure_removes_its_set_and_later_stages_read_only_the_named
         evaluate.plan(only_entropy.with_overrides({"evaluate.conditions": ["real", "real+stage2:margin"]}), layout)
     with pytest.raises(DataError, match="least_confidence"):
         quality.load_sets(layout, data.images, data.labels, data.num_classes, ("least_confidence",))
+
+
+def test_a_killed_evaluation_resumes_with_only_the_missing_units_and_the_same_results(smoke, monkeypatch):
+    from mgdm_core.stages import evaluate
+
+    params, layout, _, _ = smoke
+    grid = params.with_overrides({"evaluate.networks": ["simple_cnn"], "evaluate.conditions": ["real", "real+stage1"],
+                                  "evaluate.seeds": [0, 1], "evaluate.epochs": 1, "evaluate.workers": 1})
+    trained = []
+    real_run_unit = evaluate.run_unit
+
+    def killed_at_the_third_unit(unit, *args, **kwargs):
+        if len(trained) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C or a kill of `dvc repro` does mid-grid
+        trained.append(unit)
+        return real_run_unit(unit, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "run_unit", killed_at_the_third_unit)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("evaluate", grid, layout)
+    assert len(list((layout.root / ".mgdm" / "evaluate-units").glob("*.pt"))) == 2
+
+    trained.clear()
+    monkeypatch.setattr(evaluate, "run_unit", lambda unit, *a, **k: trained.append(unit) or real_run_unit(unit, *a, **k))
+    run_stage("evaluate", grid, layout)
+    assert trained == evaluate.plan(grid, layout)[2:]  # the two finished units were not trained again
+    assert not (layout.root / ".mgdm" / "evaluate-units").exists()  # a completed run leaves nothing to resume
+    resumed = json.loads(layout.metrics_file("evaluate").read_text())
+
+    trained.clear()
+    run_stage("evaluate", grid, layout)  # from scratch: same units, same numbers
+    assert len(trained) == 4
+    assert json.loads(layout.metrics_file("evaluate").read_text())["networks"] == resumed["networks"]
+
+
+def test_an_evaluation_resumes_only_units_whose_inputs_are_unchanged(smoke):
+    from mgdm_core.stages import evaluate
+
+    params, layout, _, _ = smoke
+    units = evaluate.plan(params, layout)
+    keys = evaluate.unit_keys(units, params, layout)
+    assert len(set(keys.values())) == len(units)
+    assert evaluate.unit_keys(units, params.with_overrides({"evaluate.workers": 3}), layout) == keys
+    other_epochs = evaluate.unit_keys(units, params.with_overrides({"evaluate.epochs": params.evaluate.epochs + 1}), layout)
+    assert not set(other_epochs.values()) & set(keys.values())
+    stage1 = layout.stage1_dir / "manifest.csv"
+    stage1.write_bytes(stage1.read_bytes())  # rewritten, same bytes: same set
+    assert evaluate.unit_keys(units, params, layout) == keys
+    image = next(layout.stage1_dir.rglob("*.png"))
+    image.write_bytes(image.read_bytes() + b"\0")  # a changed stage-1 image: those units start over
+    changed = evaluate.unit_keys(units, params, layout)
+    uses_stage1 = {u for u in units if u.condition in ("real+stage1", "synthetic")}
+    assert uses_stage1 and all((changed[u] == keys[u]) == (u not in uses_stage1) for u in units)

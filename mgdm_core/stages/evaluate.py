@@ -8,12 +8,19 @@ Prefect flow fans `run_unit` out through its task runner instead.
 Conditions: `real` (baseline), `real+classic` (flips and small affine), `real+stage1`,
 `real+stage2:<measure>` (`real+stage2` expands to every measure in `disturb.measure`), and
 `synthetic` (stage-1 images only: train on synthetic, test on real).
+
+A killed `run` resumes: every finished unit leaves its result under `.mgdm/evaluate-units/`, keyed
+by what the result depends on (the unit, the evaluate parameters, the seed, the device type, the
+prepared data, the unit's synthetic set and the code), and the next `run` on the same inputs trains
+only the units still missing. A run that completes removes them.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io as _io
+import json
 import multiprocessing
 import os
 import shutil
@@ -33,7 +40,7 @@ from mgdm_core.errors import ConfigError, DataError
 from mgdm_core.evaluation.metrics import COMPARED_METRICS
 from mgdm_core.evaluation.report import build_summary, markdown_table, plot_rows, plot_summary
 from mgdm_core.evaluation.train import EvalData, train_and_test
-from mgdm_core.io import atomic_write, ensure_writable_dir, read_image, read_manifest
+from mgdm_core.io import atomic_write, ensure_writable_dir, read_image, read_manifest, source_digest, tree_digest
 from mgdm_core.layout import Layout
 from mgdm_core.stages.common import Prepared, load_prepared, log, write_metrics
 from mgdm_core.tracking import DataInput, Tracker, attach
@@ -195,43 +202,45 @@ def run_unit(unit: Unit, params: Params, layout: Layout, tracker: Tracker, progr
     shape = ((-1, data.channels, data.image_size, data.image_size), (-1, data.num_classes))
     if e.log_models == "all":
         child.log_model(result.model.cpu(), "classifier", _model_config(unit, data, params), tensor_shapes=shape)
-    elif e.log_models == "best" and child.run_id:  # no run id: a NullTracker (nothing logged)
-        scratch = _model_scratch(layout, tracker.run_id)
-        ensure_writable_dir(scratch)
-        with atomic_write(scratch / f"{child.run_id}.pt") as tmp:
+    model_file = None
+    if e.log_models == "best" and child.run_id:  # no run id: a NullTracker (nothing logged)
+        model_file = _model_scratch(layout, tracker.run_id) / f"{child.run_id}.pt"
+        ensure_writable_dir(model_file.parent)
+        with atomic_write(model_file) as tmp:
             torch.save(result.model.cpu(), tmp)
     child.finish()
     log.info("evaluate %s: AUC %.3f, ACC %.3f", unit.name, scalars.get("auc", float("nan")), scalars.get("accuracy", float("nan")))
     return {"network": unit.network, "condition": unit.condition, "seed": unit.seed, "metrics": result.metrics,
             "test_probs": result.test_probs, "test_labels": result.test_labels, "run_id": child.run_id,
-            "val_auc": best_val_auc}
+            "val_auc": best_val_auc, "model_file": None if model_file is None else str(model_file)}
 
 
 def _log_best_models(results: list[dict[str, Any]], params: Params, layout: Layout, tracker: Tracker) -> None:
     """log_models: best: the unit with the highest validation AUC of each (network, condition)
     (the lowest seed on ties) logs its classifier as an MLflow model; the scratch files go."""
-    scratch = _model_scratch(layout, tracker.run_id)
-    if params.evaluate.log_models != "best" or not scratch.is_dir():
+    if params.evaluate.log_models != "best":
         return
     data = load_prepared(layout)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in results:
         groups.setdefault((r["network"], r["condition"]), []).append(r)
     for (network, condition), runs in groups.items():
-        have = [r for r in runs if (scratch / f"{r['run_id']}.pt").is_file()]
-        if len(have) < len(runs):  # units served from a cache trained in an earlier run
+        have = [r for r in runs if r.get("model_file") and Path(r["model_file"]).is_file()]
+        if len(have) < len(runs):  # units served from Prefect's cache of an earlier run
             log.info("evaluate: %s | %s: %d of %d units have a model to choose from", network, condition, len(have), len(runs))
         if not have:
             continue
         best = max(have, key=lambda r: (np.nan_to_num(r.get("val_auc", np.nan), nan=-1.0), -r["seed"]))
-        model = torch.load(scratch / f"{best['run_id']}.pt", map_location="cpu", weights_only=False)  # our own file
+        model = torch.load(best["model_file"], map_location="cpu", weights_only=False)  # our own file
         unit = Unit(network, condition, best["seed"])
         shape = ((-1, data.channels, data.image_size, data.image_size), (-1, data.num_classes))
         run = attach(layout.root, best["run_id"])
         run.log_model(model, "classifier", {**_model_config(unit, data, params), "chosen_by": "best validation AUC",
                                             "val_auc": best.get("val_auc")}, tensor_shapes=shape)
         run.set_tags({"model": f"best of {len(runs)} seeds (validation AUC)"})
-    shutil.rmtree(scratch, ignore_errors=True)
+    # This run's scratch, and those of the interrupted runs it resumed.
+    for folder in {_model_scratch(layout, tracker.run_id)} | {Path(r["model_file"]).parent for r in results if r.get("model_file")}:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _verdict(vs_baseline: dict[str, Any] | None, is_baseline: bool) -> str:
@@ -317,6 +326,41 @@ def summarise(results: list[dict[str, Any]], params: Params, layout: Layout, tra
     return summary
 
 
+def _resume_dir(layout: Layout) -> Path:
+    return layout.root / ".mgdm" / "evaluate-units"
+
+
+def unit_keys(units: list[Unit], params: Params, layout: Layout) -> dict[Unit, str]:
+    """Each unit's resume key: a hash of everything its result depends on (not `workers` or the
+    MLflow run it logs to)."""
+    synthetic = {m: tree_digest(m.parent) for m in {synthetic_manifest(u.condition, layout) for u in units} if m}
+    common = {"seed": params.seed, "device": resolve_device(params.device).type, "code": source_digest(),
+              "evaluate": params.evaluate.model_dump(mode="json", exclude={"workers"}),
+              "prepared": tree_digest(layout.prepared)}
+    keys = {}
+    for u in units:
+        manifest = synthetic_manifest(u.condition, layout)
+        payload = {**common, "unit": [u.network, u.condition, u.seed], "synthetic": synthetic.get(manifest)}
+        keys[u] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+    return keys
+
+
+def _load_finished(file: Path) -> dict[str, Any] | None:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)  # our own file
+    except Exception:  # missing, or cut short by the kill it is meant to survive
+        return None
+
+
+def _run_and_keep(unit: Unit, params: Params, layout: Layout, tracker: Tracker, file: Path,
+                  progress: bool) -> dict[str, Any]:
+    result = run_unit(unit, params, layout, tracker, progress=progress)
+    ensure_writable_dir(file.parent)
+    with atomic_write(file) as tmp:
+        torch.save(result, tmp)
+    return result
+
+
 def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, Any]:
     units = plan(params, layout)
     if not units:
@@ -325,22 +369,34 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, Any]:
     log.info("evaluate: %d units (%d networks x %d conditions x seeds %s), %d at a time", len(units),
              len(e.networks), len({u.condition for u in units}),
              "/".join(str(len(e.seeds_for(n))) for n in e.networks), e.workers)
-    workers = min(params.evaluate.workers, len(units))
+    files = {u: _resume_dir(layout) / f"{key}.pt" for u, key in unit_keys(units, params, layout).items()}
+    finished = {u: r for u in units if (r := _load_finished(files[u])) is not None}
+    if finished:
+        log.info("evaluate: %d of %d units resumed from an interrupted run on the same inputs (%s)",
+                 len(finished), len(units), layout.relative(_resume_dir(layout)))
+        tracker.set_tags({"resumed_units": f"{len(finished)}/{len(units)}"})
+    todo = [u for u in units if u not in finished]
+    workers = min(params.evaluate.workers, max(1, len(todo)))
     if workers == 1:
-        results = [run_unit(u, params, layout, tracker) for u in units]
+        fresh = [_run_and_keep(u, params, layout, tracker, files[u], True) for u in todo]
     else:
         # Processes, not threads: torch's global RNG (init, dropout, augmentation) is per process,
         # so every unit stays bit-reproducible whatever the number of workers.
         threads = max(1, (os.cpu_count() or 1) // workers)
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = [pool.submit(_run_unit_in_worker, u, params, layout.root, tracker.run_id, threads) for u in units]
-            results = [f.result() for f in tqdm(futures, desc="evaluate", unit="unit")]
-    return summarise(results, params, layout, tracker)
+            futures = [pool.submit(_run_unit_in_worker, u, params, layout.root, tracker.run_id, threads, files[u])
+                       for u in todo]
+            fresh = [f.result() for f in tqdm(futures, desc="evaluate", unit="unit")]
+    done = {**finished, **dict(zip(todo, fresh))}
+    summary = summarise([done[u] for u in units], params, layout, tracker)
+    shutil.rmtree(_resume_dir(layout), ignore_errors=True)
+    return summary
 
 
-def _run_unit_in_worker(unit: Unit, params: Params, root: Path, run_id: str, threads: int) -> dict[str, Any]:
+def _run_unit_in_worker(unit: Unit, params: Params, root: Path, run_id: str, threads: int, file: Path) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
-    return run_unit(unit, params, Layout(root), attach(root, run_id), progress=False)
+    layout = Layout(root)
+    return _run_and_keep(unit, params, layout, attach(root, run_id), file, progress=False)
