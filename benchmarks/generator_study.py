@@ -63,6 +63,31 @@ def roundtrip_errors(model, schedule, images: np.ndarray, labels: np.ndarray, de
     return errors
 
 
+def judge_snapshot(model, step, judge, real_test_features, floor, *, schedules, labels, seeds, shape, device,
+                   roundtrip=None) -> tuple[dict[str, float], np.ndarray]:
+    """One snapshot's row: unguided DDPM and DDIM samples (FD ratio to the floor, class fidelity,
+    saturation) and, with `roundtrip` = (schedule, images, labels, refine), the stage-2 round trip.
+    Returns the row and the DDIM images."""
+    ddpm, ddim = schedules
+    with torch.no_grad():
+        sets = {
+            "ddpm": unguided_sample(model, ddpm, labels, seeds, shape, device, 64),
+            "ddim": ddim_unguided(model, ddim, labels, seeds, shape, device, 64),
+        }
+        row: dict[str, float] = {"step": step}
+        if roundtrip is not None:
+            rt = roundtrip_errors(model, *roundtrip[:3], device, roundtrip[3])
+            row.update({"roundtrip_unclipped": rt["unclipped"], "roundtrip_clipped": rt["clipped"]})
+    for name, images in sets.items():
+        f, p = features_and_probs(judge, images, device)
+        fid = class_fidelity(labels, p)
+        row[f"{name}_fd_ratio"] = frechet_distance(f, real_test_features) / floor
+        row[f"{name}_fidelity_auc"] = fid["auc"] if fid["auc"] is not None else float("nan")
+        row[f"{name}_balanced_accuracy"] = fid["balanced_accuracy"]
+        row[f"{name}_saturated"] = saturated_fraction(images)
+    return row, sets["ddim"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True, help="project root of a run (holds data/prepared and models/)")
@@ -107,23 +132,12 @@ def main() -> None:
         raise SystemExit(f"no snapshots in {layout.diffusion_snapshots_dir}")
     for step, path in snapshots:
         model = load_unet(path, device, data)
-        with torch.no_grad():
-            sets = {
-                "ddpm": unguided_sample(model, ddpm, labels, seeds, shape, device, 64),
-                "ddim": ddim_unguided(model, ddim, labels, seeds, shape, device, 64),
-            }
-            rt = roundtrip_errors(model, rt_schedule, rt_images, rt_labels, device, params.disturb.inversion_refine)
-        row: dict[str, float] = {"step": step, "roundtrip_unclipped": rt["unclipped"], "roundtrip_clipped": rt["clipped"]}
-        for name, images in sets.items():
-            f, p = features_and_probs(reference.model, images, device)
-            fid = class_fidelity(labels, p)
-            row[f"{name}_fd_ratio"] = frechet_distance(f, feats["test"][0]) / floor
-            row[f"{name}_fidelity_auc"] = fid["auc"] if fid["auc"] is not None else float("nan")
-            row[f"{name}_balanced_accuracy"] = fid["balanced_accuracy"]
-            row[f"{name}_saturated"] = saturated_fraction(images)
+        row, ddim_images = judge_snapshot(model, step, reference.model, feats["test"][0], floor, schedules=(ddpm, ddim),
+                                          labels=labels, seeds=seeds, shape=shape, device=device,
+                                          roundtrip=(rt_schedule, rt_images, rt_labels, params.disturb.inversion_refine))
         rows.append(row)
         if step in (snapshots[0][0], snapshots[-1][0]):
-            first_last.append((step, sets["ddim"]))
+            first_last.append((step, ddim_images))
         print({k: round(v, 4) for k, v in row.items()}, flush=True)
 
     out = Path(args.out)
