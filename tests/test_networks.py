@@ -199,3 +199,19 @@ def test_group_norm_keeps_at_least_four_channels_per_group_and_the_originals_32_
         3: 1, 8: 2, 32: 8, 48: 12, 64: 16, 96: 24, 128: 32, 256: 32, 512: 32,
     }
     assert group_norm(64).num_groups == 16
+
+
+def test_attention_runs_on_the_fused_cpu_kernel_and_matches_plain_softmax_attention():
+    from mgdm_core.networks.blocks import multi_head_attention
+
+    torch.manual_seed(0)
+    batch, heads, head_channels, tokens = 2, 2, 4, 16
+    qkv = torch.randn(batch, 3 * heads * head_channels, tokens)
+    with torch.profiler.profile() as prof:
+        out = multi_head_attention(qkv, heads)
+    # A strided last dimension silently sends SDPA to its unfused math path (2-3x slower).
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in {e.name for e in prof.events()}
+    q, k, v = qkv.reshape(batch, 3, heads, head_channels, tokens).unbind(1)  # [B, heads, ch, T] each
+    weights = torch.softmax(torch.einsum("bhct,bhcs->bhts", q, k) / head_channels**0.5, dim=-1)
+    expected = torch.einsum("bhts,bhcs->bhct", weights, v).reshape(batch, heads * head_channels, tokens)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
