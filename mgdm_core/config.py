@@ -145,8 +145,9 @@ class DisturbParams(Section):
     scale: float = 4.0
     respacing: str = "ddim50"
     # Fixed-point iterations per inversion step (1 + refine model calls): 0 is plain DDIM inversion
-    # (round-trip error first-order in the step size), 1-2 solve the implicit step almost exactly.
-    inversion_refine: int = Field(1, ge=0, le=10)
+    # (round-trip error first-order in the step size); on BreastMNIST at `ddim25` the unclipped round
+    # trip errs by 0.019 at 1, 0.0049 at 2 and 0.0013 at 4 (mean |error| on [-1, 1], 32 real test images).
+    inversion_refine: int = Field(2, ge=0, le=10)
     # Decode with the unclipped DDIM step that the inversion inverts and clamp only the final image
     # (exact round trip); true clips x0_hat at every step as the original release does.
     clip_denoised: bool = False
