@@ -3,7 +3,7 @@
     python scripts/results_report.py --root . --name breastmnist --profile breastmnist
 
 Reads metrics/{generate,disturb,evaluate}.json, params.yaml and plots/ under --root, copies the
-pictures next to the report and states, per condition, what the paired intervals allow one to say:
+pictures and every metrics/*.json (into <name>/metrics/) next to the report and states, per condition, what the paired intervals allow one to say:
 one verdict sentence per network at the top (`mgdm_core.evaluation.report.verdict_sentences`),
 then the table.
 """
@@ -75,6 +75,10 @@ def build(root: Path, name: str, profile: str | None, out_dir: Path, notes: list
     pictures = sorted((root / "plots").glob("*.png"))
     for picture in pictures:
         shutil.copy2(picture, images / picture.name)
+    # The run's numbers beside the page, so every figure on it can be checked.
+    (images / "metrics").mkdir(exist_ok=True)
+    for metrics in sorted((root / "metrics").glob("*.json")):
+        shutil.copy2(metrics, images / "metrics" / metrics.name)
 
     lines = [
         f"# Results: {evaluate['dataset']}",
