@@ -41,6 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dvc_args", nargs=argparse.REMAINDER, help="extra arguments passed to dvc repro / dvc exp run")
     p = sub.add_parser("profile", parents=[common], help="print the `dvc exp run -S ...` command a profile stands for")
     p.add_argument("name", help="profile name under profiles/ or a YAML path")
+    p = sub.add_parser("compare", help="DVC experiments side by side: one row per figure that differs, "
+                       "one column per experiment (reads `dvc exp show --json`)")
+    p.add_argument("names", nargs="*", help="experiments or commits to show, in this order (default: all of "
+                   "`dvc exp show`; the workspace only when it differs from all of them)")
+    p.add_argument("--all-rows", action="store_true", help="every parameter and figure, not only those that differ")
+    p.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit, not only HEAD's")
+    p.add_argument("--width", type=int, help="line width (default: the terminal's)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -171,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
             return _repro(args)
         if args.command == "profile":
             return _profile(args)
+        if args.command == "compare":
+            from mgdm_core.experiments import compare
+
+            print(compare(args.names, only_changed=not args.all_rows, all_commits=args.all_commits, width=args.width))
+            return 0
         return _run_stage(args)
     except MgdmError as exc:
         if args.debug:

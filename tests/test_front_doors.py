@@ -13,6 +13,7 @@ image for image, in test_flows.py (test_served_deployment_runs_and_caches).
 
 import json
 import re
+import sys
 
 import pytest
 import yaml
@@ -47,6 +48,12 @@ def test_a_profile_run_is_a_dvc_experiment_and_leaves_params_yaml_as_committed(d
     assert rows and all(r.startswith(("metrics/evaluate/", "metrics/quality/")) for r in rows), shown
     assert "metrics/evaluate/simple_cnn/real+stage1.json" in shown and "metrics/quality/stage1.json" in shown
     assert max(len(line) for line in shown.splitlines()) <= 120, shown
+    # `mgdm compare`: the experiment beside its baseline commit, a row per figure that differs.
+    compared = run_ok([sys.executable, "-m", "mgdm_core", "compare", "--width", "120"], root, env)
+    assert max(len(line) for line in compared.splitlines()) <= 120, compared
+    steps_row = next(line for line in compared.splitlines() if line.startswith("train_diffusion.steps "))
+    assert steps_row.split()[1:] == ["1000", "12"], compared
+    assert "simple_cnn real+stage1 auc" in compared, compared
 
 
 def test_mgdm_repro_nests_every_stage_under_one_pipeline_run(dvc_smoke_experiment):
