@@ -63,6 +63,18 @@ def roundtrip_errors(model, schedule, images: np.ndarray, labels: np.ndarray, de
     return errors
 
 
+def real_judge(params, data, device, epochs: int):
+    """The judge and its yardstick: the quality stage's reference classifier trained on the real
+    training images only, its (features, probabilities) on real val and test, and the FD noise
+    floor FD(real val, real test). Returns (split, reference, feats, floor)."""
+    split = {s: (data.images[s], np.asarray(data.labels[s], dtype=np.int64)) for s in ("train", "val", "test")}
+    reference = train_reference(network=params.quality.feature_network, train=split["train"], val=split["val"],
+                                test=split["test"], num_classes=data.num_classes, epochs=epochs,
+                                batch_size=params.quality.batch_size, lr=params.quality.lr, seed=0, device=device)
+    feats = {s: features_and_probs(reference.model, split[s][0], device) for s in ("val", "test")}
+    return split, reference, feats, frechet_distance(feats["val"][0], feats["test"][0])
+
+
 def judge_snapshot(model, step, judge, real_test_features, floor, *, schedules, labels, seeds, shape, device,
                    roundtrip=None) -> tuple[dict[str, float], np.ndarray]:
     """One snapshot's row: unguided DDPM and DDIM samples (FD ratio to the floor, class fidelity,
@@ -107,12 +119,7 @@ def main() -> None:
     layout = Layout(Path(args.root))
     device = resolve_device(params.device)
     data = load_prepared(layout)
-    split = {s: (data.images[s], np.asarray(data.labels[s], dtype=np.int64)) for s in ("train", "val", "test")}
-    reference = train_reference(network=params.quality.feature_network, train=split["train"], val=split["val"],
-                                test=split["test"], num_classes=data.num_classes, epochs=args.reference_epochs,
-                                batch_size=params.quality.batch_size, lr=params.quality.lr, seed=0, device=device)
-    feats = {s: features_and_probs(reference.model, split[s][0], device) for s in ("val", "test")}
-    floor = frechet_distance(feats["val"][0], feats["test"][0])
+    split, reference, feats, floor = real_judge(params, data, device, args.reference_epochs)
     real_fidelity = class_fidelity(split["test"][1], feats["test"][1])
     real_saturated = saturated_fraction(split["test"][0])
     print(f"reference classifier: test AUC {reference.test_auc:.3f}; FD floor {floor:.3f}; "

@@ -30,10 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generator_study import judge_snapshot  # noqa: E402
+from generator_study import judge_snapshot, real_judge  # noqa: E402
 
 from mgdm_core import runtime  # noqa: E402
 from mgdm_core.config import load_params  # noqa: E402
@@ -42,8 +40,6 @@ from mgdm_core.diffusion.schedule import respace  # noqa: E402
 from mgdm_core.layout import Layout  # noqa: E402
 from mgdm_core.networks import blocks  # noqa: E402
 from mgdm_core.quality.by_step import balanced_labels, list_snapshots  # noqa: E402
-from mgdm_core.quality.features import features_and_probs, train_reference  # noqa: E402
-from mgdm_core.quality.metrics import frechet_distance  # noqa: E402
 from mgdm_core.stages import train_diffusion  # noqa: E402
 from mgdm_core.stages.common import diffusion_schedule, load_prepared, load_unet  # noqa: E402
 from mgdm_core.tracking import NullTracker  # noqa: E402
@@ -92,12 +88,8 @@ def main() -> None:
     device = resolve_device(base.device)
     data = load_prepared(root)
     out = Path(args.out)
-    split = {s: (data.images[s], np.asarray(data.labels[s], dtype=np.int64)) for s in ("train", "val", "test")}
-    reference = train_reference(network=base.quality.feature_network, train=split["train"], val=split["val"],
-                                test=split["test"], num_classes=data.num_classes, epochs=20,
-                                batch_size=base.quality.batch_size, lr=base.quality.lr, seed=0, device=device)
-    feats = {s: features_and_probs(reference.model, split[s][0], device)[0] for s in ("val", "test")}
-    floor = frechet_distance(feats["val"], feats["test"])
+    _, reference, feats, floor = real_judge(base, data, device, epochs=20)
+    feats = {s: f for s, (f, _) in feats.items()}
     print(f"reference: test AUC {reference.test_auc:.3f}, FD floor {floor:.3f}", flush=True)
     schedule = diffusion_schedule(base)
     schedules = (respace(schedule, "50"), respace(schedule, "ddim50"))
