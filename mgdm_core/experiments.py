@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,9 @@ from typing import Any
 from mgdm_core.errors import ConfigError
 
 MISSING = "-"
+# A cell wraps onto more lines beyond this (a list parameter); 23 is the width of a difference
+# with its interval, "+0.020 [-0.340, +0.367]", so three experiments fit 120 columns.
+MAX_CELL = 23
 _INTERVAL = ("d_auc", "d_lo", "d_hi")
 
 
@@ -43,7 +47,7 @@ def _format(value: Any, metric: bool = False) -> str:
         # the headline's three decimals; a small figure (a loss, a KID) keeps three significant digits
         return f"{value:.3f}" if value == 0 or abs(value) >= 0.01 else f"{value:.3g}"
     if isinstance(value, (list, dict)):
-        return json.dumps(value, separators=(",", ":"))
+        return json.dumps(value)  # ", " separators: a long list wraps between its items
     return MISSING if value is None else str(value)
 
 
@@ -121,14 +125,21 @@ def rows(cols: Sequence[Column], only_changed: bool = True) -> list[str]:
     return [label for label in labels if len({c.values.get(label, MISSING) for c in cols}) > 1]
 
 
+def _wrapped(text: str, width: int) -> list[str]:
+    return textwrap.wrap(text, width, break_on_hyphens=False) or [text]
+
+
 def render(cols: Sequence[Column], labels: Sequence[str], width: int = 120) -> str:
-    """A plain-text table, split into blocks of columns so that no line is wider than `width`."""
+    """A plain-text table, split into blocks of columns so that no line is wider than `width`;
+    a value wider than MAX_CELL wraps onto continuation lines of its row."""
     if not cols:
         return "no experiments to compare (run one with `dvc exp run` or `mgdm repro --profile ...`)"
     if not labels:
         return f"{', '.join(c.name for c in cols)}: no figure differs"
     label_width = max(len("figure"), *(len(label) for label in labels))
-    cell_widths = [max(len(c.name), *(len(c.values.get(label, MISSING)) for label in labels)) for c in cols]
+    cells = [{label: _wrapped(c.values.get(label, MISSING), MAX_CELL) for label in labels} for c in cols]
+    cell_widths = [max(len(c.name), *(len(line) for lines in column.values() for line in lines))
+                   for c, column in zip(cols, cells)]
     blocks: list[list[int]] = [[]]
     used = label_width
     for index, cell in enumerate(cell_widths):
@@ -139,11 +150,14 @@ def render(cols: Sequence[Column], labels: Sequence[str], width: int = 120) -> s
         used += 2 + cell
     text = []
     for block in blocks:
-        lines = ["figure".ljust(label_width) + "".join("  " + cols[i].name.rjust(cell_widths[i]) for i in block)]
-        lines.append("-" * label_width + "".join("  " + "-" * cell_widths[i] for i in block))
+        lines = ["figure".ljust(label_width) + "".join("  " + cols[i].name.rjust(cell_widths[i]) for i in block),
+                 "-" * label_width + "".join("  " + "-" * cell_widths[i] for i in block)]
         for label in labels:
-            lines.append(label.ljust(label_width)
-                         + "".join("  " + cols[i].values.get(label, MISSING).rjust(cell_widths[i]) for i in block))
+            height = max(len(cells[i][label]) for i in block)
+            for n in range(height):
+                lines.append((label if n == 0 else "").ljust(label_width) + "".join(
+                    "  " + (cells[i][label][n] if n < len(cells[i][label]) else "").rjust(cell_widths[i])
+                    for i in block))
         text.append("\n".join(line.rstrip() for line in lines))
     return "\n\n".join(text)
 

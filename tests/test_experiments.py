@@ -74,3 +74,18 @@ def test_one_column_shows_all_its_figures_and_identical_columns_say_nothing_diff
     (main,) = select(columns(_shown()), ["main"])
     assert rows([main]) == list(main.values)
     assert render([main, main], rows([main, main])) == "main, main: no figure differs"
+
+
+def test_a_long_value_wraps_between_list_items_instead_of_widening_its_column() -> None:
+    shown = _shown(workspace_scale=2.0)
+    shown[0]["data"]["params"]["params.yaml"]["data"]["evaluate"] = {
+        "conditions": ["real", "real+classic", "real+stage1", "real+stage2", "synthetic"]}
+    cols = select(columns(shown), [])
+    text = render(cols, rows(cols), width=120)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 120 and "\n\n" not in text  # three columns, one block
+    start = next(i for i, line in enumerate(lines) if line.startswith("evaluate.conditions"))
+    row = [lines[start]] + [line for line in lines[start + 1:start + 5] if line.startswith(" ")]
+    assert len(row) > 1  # continuation lines carry no label
+    items = " ".join(line.split()[1 if line is row[0] else 0] for line in row)
+    assert items == '["real", "real+classic", "real+stage1", "real+stage2", "synthetic"]'

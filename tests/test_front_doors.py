@@ -51,9 +51,13 @@ def test_a_profile_run_is_a_dvc_experiment_and_leaves_params_yaml_as_committed(d
     # `mgdm compare`: the experiment beside its baseline commit, a row per figure that differs.
     compared = run_ok([sys.executable, "-m", "mgdm_core", "compare", "--width", "120"], root, env)
     assert max(len(line) for line in compared.splitlines()) <= 120, compared
+    assert "simple_cnn real+stage1 auc" in compared, compared
+    branch = run_ok(["git", "rev-parse", "--abbrev-ref", "HEAD"], root, env).strip()
+    (name,) = run_ok(["dvc", "exp", "list", "--name-only"], root, env).split()
+    compared = run_ok([sys.executable, "-m", "mgdm_core", "compare", branch, name], root, env)
+    assert compared.splitlines()[0].split() == ["figure", branch, name], compared
     steps_row = next(line for line in compared.splitlines() if line.startswith("train_diffusion.steps "))
     assert steps_row.split()[1:] == ["1000", "12"], compared
-    assert "simple_cnn real+stage1 auc" in compared, compared
 
 
 def test_mgdm_repro_nests_every_stage_under_one_pipeline_run(dvc_smoke_experiment):
