@@ -297,14 +297,15 @@ def plot_summary(summary: Mapping[str, Any], png_path: str | os.PathLike[str]) -
     ax.set_xticks(np.arange(len(networks)), networks, rotation=30, ha="right")
     ax.set_ylabel("test AUC (mean ± std over seeds)")
     ax.set_ylim(lowest - 0.02, 1.0)  # from chance (or below) up: small differences stay visible
-    ax.legend(title="condition", fontsize="small")
+    # Beside the axes, not over the bars: with seven conditions an inside legend hides some of them.
+    ax.legend(title="condition", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = Path(png_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
+            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
