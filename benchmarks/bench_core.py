@@ -4,9 +4,10 @@ Measures images/second for a diffusion training step (hybrid loss), a classifier
 stage 1 (classifier-guided DDIM-50 and classifier-free-guided DDIM-50) and stage 2 (DDIM-50
 inversion + entropy-guided DDIM-50 decode). Each figure runs in its own child process, set up as
 every mgdm process is (`mgdm_core.runtime.configure_process`: threads, glibc allocator), and
-reports that process's peak RSS. CPU runs with 2 threads; CUDA runs (when present) use bf16
-autocast, optionally channels_last. bf16 autocast on CPU is measured once, for speed and for its
-deviation from fp32, but is not what the pipeline uses.
+reports that process's peak RSS. The sampling figures run the UNet in the layout the sampling
+stages use (`device.sampling_channels_last`: channels_last on CPU). CPU runs with 2 threads; CUDA
+runs (when present) use bf16 autocast, optionally channels_last. bf16 autocast on CPU is measured
+once, for speed and for its deviation from fp32, but is not what the pipeline uses.
 
     python benchmarks/bench_core.py [--quick] [--json PATH] [--device cpu|cuda] [--channels-last] [--only NAMES]
 """
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from mgdm_core import runtime
-from mgdm_core.device import autocast, resolve_device
+from mgdm_core.device import autocast, resolve_device, sampling_channels_last
 from mgdm_core.diffusion.guidance import cfg_model, classifier_guidance, uncertainty_guidance
 from mgdm_core.diffusion.losses import hybrid_loss, q_sample
 from mgdm_core.diffusion.sampling import ddim_invert, ddim_sample, initial_noise
@@ -118,6 +119,8 @@ class Bench:
 
     def sampler(self, spacing: str, workload: str) -> Callable[[], None]:
         schedule = respace(self.schedule, spacing)
+        if sampling_channels_last(self.device):
+            self.unet.use_channels_last()  # as the sampling stages load it (`stages.common.load_unet`)
         x_T = initial_noise(range(BATCH), (1, 28, 28), self.device, torch.float32)
 
         def stage1_classifier() -> None:

@@ -215,3 +215,41 @@ def test_attention_runs_on_the_fused_cpu_kernel_and_matches_plain_softmax_attent
     weights = torch.softmax(torch.einsum("bhct,bhcs->bhts", q, k) / head_channels**0.5, dim=-1)
     expected = torch.einsum("bhts,bhcs->bhct", weights, v).reshape(batch, heads * head_channels, tokens)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_on_channels_last_input_matches_the_nchw_kernel_with_scale_shift_folded_in() -> None:
+    torch.manual_seed(0)
+    norm = group_norm(64)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    # A large common offset: the statistics must not cancel catastrophically (centred before squaring).
+    x = torch.randn(3, 64, 7, 7) * 2 + 30
+    scale, shift = torch.randn(3, 64, 1, 1), torch.randn(3, 64, 1, 1)
+    expected = norm(x) * (1 + scale) + shift
+    out = norm.normalize(x.contiguous(memory_format=torch.channels_last), scale, shift)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_unet_is_the_same_function_and_keeps_nhwc_activations_into_every_convolution() -> None:
+    torch.manual_seed(0)
+    config = reference_unet_config().model_copy(update={"width": 32, "image_size": 14, "channel_mult": (1, 2), "attention_resolutions": (7,)})
+    reference = UNet(config).eval()
+    with torch.no_grad():  # no zero-initialised branch: every block must contribute
+        for parameter in reference.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    nhwc = UNet(config).eval()
+    nhwc.load_state_dict(reference.state_dict())
+    nhwc.use_channels_last()
+    layouts = []
+    for module in nhwc.modules():
+        if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
+            module.register_forward_pre_hook(lambda _, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    x, t, y = torch.randn(4, 1, 14, 14), timesteps(4), torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        expected, out = reference(x, t, y), nhwc(x, t, y)
+    assert out.is_contiguous() and out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert layouts and all(layouts)  # a single NCHW activation would mean a layout conversion inside the net
+    nhwc.use_channels_last(False)
+    torch.testing.assert_close(nhwc(x, t, y), expected, rtol=0, atol=0)

@@ -101,16 +101,48 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Ten
     return embedding
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+def is_channels_last(x: Tensor) -> bool:
+    """True when x [B, C, H, W] is stored NHWC (and not also NCHW-contiguous, as it is when C == 1 or H == W == 1)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def group_norm(channels: int) -> "Float32GroupNorm":
     """GroupNorm with `norm_groups(channels)` groups, computed in float32 even under autocast (as the original's GroupNorm32)."""
-    return _Float32GroupNorm(norm_groups(channels), channels)
+    return Float32GroupNorm(norm_groups(channels), channels)
 
 
-class _Float32GroupNorm(nn.GroupNorm):
-    """Normalisation statistics in fp32: bf16 variance over small feature maps is too coarse."""
+class Float32GroupNorm(nn.GroupNorm):
+    """GroupNorm with statistics in fp32 (bf16 variance over small feature maps is too coarse), and
+    an optional FiLM scale-shift folded in: `normalize(x, scale, shift)` = norm(x) * (1 + scale) + shift.
+
+    NCHW input takes PyTorch's GroupNorm kernel. NHWC (channels_last) input, which the UNet uses
+    for inference on CPU because oneDNN's convolutions run 1.2-1.8x faster on it, takes a
+    composite instead: PyTorch's channels_last GroupNorm kernel is about 5x slower than its NCHW one
+    at 4 channels per group. It reduces per-channel means over H, W (fast in NHWC), centres on the
+    group mean before squaring (two passes, as stable as Welford for these sizes), and applies the
+    whole normalisation, affine and scale-shift as one per-channel `x * a + b`.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        return self.normalize(x)
+
+    def normalize(self, x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+        """norm(x) [* (1 + scale) + shift]; x [B, C, H, W] (or [B, C, L] in NCHW), scale/shift [B, C, 1, 1]."""
+        if not is_channels_last(x):
+            h = super().forward(x.float()).type(x.dtype)
+            return h if scale is None else h * (1 + scale) + shift
+        batch, channels = x.shape[:2]
+        groups, per_group = self.num_groups, channels // self.num_groups
+        xf = x.float()
+        group_mean = xf.mean(dim=(2, 3)).view(batch, groups, per_group).mean(dim=2, keepdim=True)
+        centred = xf - group_mean.expand(batch, groups, per_group).reshape(batch, channels, 1, 1)
+        group_var = centred.square().mean(dim=(2, 3)).view(batch, groups, per_group).mean(dim=2, keepdim=True)
+        gain = (torch.rsqrt(group_var + self.eps) * self.weight.view(groups, per_group)).view(batch, channels)
+        bias = self.bias.expand(batch, channels)
+        if scale is not None:
+            scale, shift = scale.float().view(batch, channels), shift.float().view(batch, channels)
+            gain, bias = gain * (1 + scale), bias * (1 + scale) + shift
+        return torch.addcmul(bias[:, :, None, None], centred, gain[:, :, None, None]).type(x.dtype)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -217,7 +249,7 @@ class ResBlock(nn.Module):
         emb_out = self.emb_proj(emb).type(h.dtype)[:, :, None, None]
         if self.scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_norm(h) * (1 + scale) + shift
+            h = self.out_norm.normalize(h, scale, shift)
         else:
             h = self.out_norm(h + emb_out)
         return self.skip(x) + self.out_layers(h)
@@ -264,9 +296,24 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         batch, channels, height, width = x.shape
+        if is_channels_last(x):
+            return self._forward_nhwc(x)
         tokens = x.reshape(batch, channels, height * width)
         h = multi_head_attention(self.qkv(self.norm(tokens)), self.num_heads)
         return (tokens + self.proj_out(h)).reshape(batch, channels, height, width)
+
+    def _forward_nhwc(self, x: Tensor) -> Tensor:
+        """The same block on channels_last x: NHWC memory is already [B, H*W, C] tokens, so the
+        1x1 convolutions run as linear layers on it and nothing is transposed back to NCHW."""
+        batch, channels, height, width = x.shape
+        tokens = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # a view, no copy
+        normed = self.norm(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        qkv = F.linear(normed, self.qkv.weight.squeeze(-1), self.qkv.bias)
+        # Channel order (q|k|v, head, head channel) as the NCHW path; the head channels stay unit-stride for SDPA.
+        q, k, v = qkv.view(batch, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, height * width, channels)
+        out = tokens + F.linear(h, self.proj_out.weight.squeeze(-1), self.proj_out.bias)
+        return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
 class AttentionPool2d(nn.Module):

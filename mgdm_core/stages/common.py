@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from mgdm_core.config import Params
 from mgdm_core.data.loaders import to_model_tensor
+from mgdm_core.device import sampling_channels_last
 from mgdm_core.diffusion.schedule import Schedule, make_schedule
 from mgdm_core.errors import CheckpointError, ConfigError, DataError
 from mgdm_core.io import remove_stale_temps, write_json_atomic
@@ -166,8 +167,9 @@ def _load_model(path: Path, kind: str, build, config_cls, device: torch.device, 
 
 
 def load_unet(path: Path, device: torch.device, data: "Prepared | None" = None) -> UNet:
-    """The EMA UNet at `path`; with `data`, refuse one trained for another image size, channels or classes."""
-    return _load_model(path, "unet", UNet, UNetConfig, device, data)
+    """The EMA UNet at `path`, for sampling (channels_last where `sampling_channels_last` says so); with
+    `data`, refuse one trained for another image size, channels or classes."""
+    return _load_model(path, "unet", UNet, UNetConfig, device, data).use_channels_last(sampling_channels_last(device))
 
 
 def load_classifier(path: Path, device: torch.device, data: "Prepared | None" = None) -> NoisyClassifier:
