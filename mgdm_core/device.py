@@ -23,7 +23,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 def sampling_channels_last(device: torch.device) -> bool:
     """Whether the UNet samples on channels_last activations on `device` (`UNet.use_channels_last`).
 
-    On CPU: a forward is about 1.15x faster at the reference configuration (benchmarks/README.md).
+    On CPU: a forward is 1.1-1.15x faster at the reference configuration (benchmarks/README.md).
     On CUDA it is not measured yet, so it stays off there. Training always runs NCHW.
     """
     return device.type == "cpu"

@@ -177,7 +177,7 @@ class UNet(nn.Module):
 
         The same function to float tolerance (the blocks take NHWC-friendly paths, see
         `Float32GroupNorm` and `AttentionBlock`). On CPU, oneDNN's convolutions run 1.2-1.8x faster
-        on NHWC, which makes a forward about 1.15x faster at the reference configuration; training
+        on NHWC, which makes a forward 1.1-1.15x faster at the reference configuration; training
         stays NCHW (the convolutions' backward gains little, about 1.05x).
         """
         self.channels_last = enabled
