@@ -9,7 +9,14 @@ stages use (`device.sampling_channels_last`: channels_last on CPU). CPU runs wit
 runs (when present) use bf16 autocast, optionally channels_last. bf16 autocast on CPU is measured
 once, for speed and for its deviation from fp32, but is not what the pipeline uses.
 
+Stage 1 at the product's own setting: `--sampler dpmpp_2m --respacing 20` times the stage-1
+figures with that sampler and the sampling figures at that respacing, reported as images/s at it
+(not scaled to 50 steps), to be read against the original's at `compare.sh --ref-respacing ddim250`
+(`OURS_ARGS="--sampler dpmpp_2m --respacing 20"`). stage2_entropy always inverts and decodes with
+DDIM (the inversion inverts the DDIM step), at --respacing when given.
+
     python benchmarks/bench_core.py [--quick] [--json PATH] [--device cpu|cuda] [--channels-last] [--only NAMES]
+        [--sampler ddim|dpmpp_2m] [--respacing R | --spacing R]
 """
 
 from __future__ import annotations
@@ -33,8 +40,9 @@ from mgdm_core import runtime
 from mgdm_core.device import autocast, resolve_device, sampling_channels_last
 from mgdm_core.diffusion.guidance import cfg_model, classifier_guidance, uncertainty_guidance
 from mgdm_core.diffusion.losses import hybrid_loss, q_sample
-from mgdm_core.diffusion.sampling import ddim_invert, ddim_sample, initial_noise
+from mgdm_core.diffusion.sampling import ddim_invert, ddim_sample, dpmpp_2m_sample, initial_noise
 from mgdm_core.diffusion.schedule import make_schedule, respace
+from mgdm_core.errors import ConfigError
 from mgdm_core.networks.classifier import ClassifierConfig, NoisyClassifier
 from mgdm_core.networks.unet import UNet, UNetConfig
 
@@ -43,6 +51,8 @@ CLASSIFIER_SCALE = 1.0
 CFG_SCALE = 1.0
 ENTROPY_SCALE = 1.0
 FIGURES = ("train_diffusion", "train_classifier", "stage1_classifier", "stage1_cfg", "stage2_entropy")
+# Stage-1 samplers, as `generate.sampler` names them; both take (model, x_T, schedule, *, y, guidance, scale).
+STAGE1_SAMPLERS = {"ddim": ddim_sample, "dpmpp_2m": dpmpp_2m_sample}
 
 UNET_CONFIG = UNetConfig(
     image_size=28, in_channels=1, num_classes=2, width=64, channel_mult=(1, 2, 2), num_res_blocks=2,
@@ -117,17 +127,18 @@ class Bench:
         loss.backward()
         self.classifier_optimizer.step()
 
-    def sampler(self, spacing: str, workload: str) -> Callable[[], None]:
+    def sampler(self, spacing: str, workload: str, stage1_sampler: str = "ddim") -> Callable[[], None]:
         schedule = respace(self.schedule, spacing)
+        sample = STAGE1_SAMPLERS[stage1_sampler]
         if sampling_channels_last(self.device):
             self.unet.use_channels_last()  # as the sampling stages load it (`stages.common.load_unet`)
         x_T = initial_noise(range(BATCH), (1, 28, 28), self.device, torch.float32)
 
         def stage1_classifier() -> None:
-            ddim_sample(self.unet, x_T, schedule, y=self.y, guidance=classifier_guidance(self.classifier), scale=CLASSIFIER_SCALE)
+            sample(self.unet, x_T, schedule, y=self.y, guidance=classifier_guidance(self.classifier), scale=CLASSIFIER_SCALE)
 
         def stage1_cfg() -> None:
-            ddim_sample(cfg_model(self.unet, CFG_SCALE, UNET_CONFIG.null_class), x_T, schedule, y=self.y)
+            sample(cfg_model(self.unet, CFG_SCALE, UNET_CONFIG.null_class), x_T, schedule, y=self.y)
 
         def stage2_entropy() -> None:
             latent = ddim_invert(self.unet, self.x0, schedule, y=self.y)
@@ -149,13 +160,17 @@ class Bench:
         return timed
 
 
-def measure(bench: Bench, figure: str, quick: bool, spacing: str | None = None) -> float:
-    """images/s of one figure; sampling figures are for 50 steps (timed at `spacing`, quick mode at 10 steps, and scaled)."""
+def measure(bench: Bench, figure: str, quick: bool, spacing: str | None = None, respacing: str | None = None,
+            sampler: str = "ddim") -> float:
+    """images/s of one figure. Sampling figures: with `respacing`, images/s of a run at that respacing
+    as it is; otherwise for 50 steps (timed at `spacing`, quick mode at 10 steps, and scaled)."""
     if figure in ("train_diffusion", "train_classifier"):
         return images_per_second(getattr(bench, figure), BATCH, 3 if quick else 10, bench.device)
+    if respacing:
+        return images_per_second(bench.sampler(respacing, figure, sampler), BATCH, 1, bench.device)
     spacing = spacing or ("ddim10" if quick else "ddim50")
     steps_factor = 50 / len(respace(bench.schedule, spacing).timesteps)
-    return images_per_second(bench.sampler(spacing, figure), BATCH, 1, bench.device) / steps_factor
+    return images_per_second(bench.sampler(spacing, figure, sampler), BATCH, 1, bench.device) / steps_factor
 
 
 def bf16_cpu_check(bench: Bench) -> dict[str, float]:
@@ -188,7 +203,7 @@ def run_child(job: str, args: argparse.Namespace) -> dict[str, object]:
         result.update(bf16_cpu_check(bench))
     else:
         before = resource.getrusage(resource.RUSAGE_SELF)
-        result["img_per_s"] = measure(bench, job, args.quick, args.spacing)
+        result["img_per_s"] = measure(bench, job, args.quick, args.spacing, args.respacing, args.sampler)
         after = resource.getrusage(resource.RUSAGE_SELF)
         # Warm-up included: CPU seconds and page faults matter where wall clock is disturbed by other load.
         result["cpu_s"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
@@ -205,6 +220,8 @@ def spawn(job: str, args: argparse.Namespace) -> dict[str, object]:
     command = [sys.executable, __file__, "--child", job, "--device", args.device, "--threads", str(args.threads)]
     command += ["--quick"] * args.quick + ["--channels-last"] * args.channels_last + ["--default-malloc"] * args.default_malloc
     command += ["--spacing", args.spacing] if args.spacing else []
+    command += ["--respacing", args.respacing] if args.respacing else []
+    command += ["--sampler", args.sampler]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT_JSON:")]
     if done.returncode != 0 or not lines:
@@ -223,7 +240,12 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(FIGURES), help=f"comma-separated figures (default: all of {', '.join(FIGURES)})")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's allocator at its defaults (A/B of mgdm_core.runtime's settings)")
-    parser.add_argument("--spacing", help="time sampling figures at this respacing (e.g. ddim2), still reported per 50 steps")
+    spacing = parser.add_mutually_exclusive_group()
+    spacing.add_argument("--spacing", help="time sampling figures at this respacing (e.g. ddim2), still reported per 50 steps")
+    spacing.add_argument("--respacing", help="time and report sampling figures at this respacing (e.g. 20): "
+                                             "images/s of the product's setting, not scaled to 50 steps")
+    parser.add_argument("--sampler", choices=sorted(STAGE1_SAMPLERS), default="ddim",
+                        help="stage-1 sampler (generate.sampler) of stage1_classifier and stage1_cfg (default ddim)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -234,10 +256,16 @@ def main() -> None:
     unknown = sorted(set(figures) - set(FIGURES))
     if unknown:
         parser.error(f"--only: unknown figures {unknown} (expected some of {', '.join(FIGURES)})")
+    try:  # a bad respacing fails here, not in every child
+        steps = respace(make_schedule("linear", 1000), args.respacing or args.spacing or ("ddim10" if args.quick else "ddim50")).num_timesteps
+    except ConfigError as exc:
+        parser.error(str(exc))
     device = resolve_device(args.device)
     info = spawn("params", args)
     print(f"device {device} ({platform.processor() or platform.machine()}), threads {info['threads']}, "
           f"load average {os.getloadavg()[0]:.1f}")
+    print(f"stage-1 sampler {args.sampler}; sampling timed at {steps} steps, figures "
+          + (f"at {args.respacing} as timed" if args.respacing else "scaled to 50 steps"))
     print(f"parameters: UNet {info['params_unet']:,}, classifier {info['params_classifier']:,}")
     report: dict[str, object] = {"params_unet": info["params_unet"], "params_classifier": info["params_classifier"]}
     peak_by_figure: dict[str, float] = {}
@@ -257,7 +285,8 @@ def main() -> None:
         )
         report["bf16_cpu"] = {k: v for k, v in bf16.items() if k != "peak_rss_mb"}
     report.update(
-        default_malloc=args.default_malloc, spacing=args.spacing,
+        default_malloc=args.default_malloc, spacing=args.spacing, respacing=args.respacing, sampler=args.sampler,
+        sampling_steps_timed=steps, sampling_figures_per=f"{steps} steps" if args.respacing else "50 steps",
         peak_rss_mb=max(peak_by_figure.values(), default=0.0), peak_rss_mb_by_figure=peak_by_figure,
         device=str(device), quick=args.quick, channels_last=args.channels_last, threads=info["threads"],
     )

@@ -29,6 +29,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from pydantic import BaseModel, ConfigDict, Field
 
 from mgdm_core import progress, tracking
+from mgdm_core.conditions import AUGMENTS
 from mgdm_core.config import MEASURES, Measure, Params, load_params
 from mgdm_core.errors import ConfigError, MgdmError
 from mgdm_core.evaluation.networks import NETWORKS
@@ -53,8 +54,11 @@ _INDEPENDENT = ("train_diffusion", "train_classifier")
 
 
 NetworkChoice = Literal[NETWORKS]  # type: ignore[valid-type]  # the networks evaluate can build
-ConditionChoice = Literal[("real", "real+classic", "real+stage1", "real+stage2",  # type: ignore[valid-type]
-                           *(f"real+stage2:{m}" for m in MEASURES), "synthetic")]
+# Every data part with and without each augmentation policy (mgdm_core.conditions' grammar), so the
+# form offers the baselines (real+trivialaugment, ...) and their combinations with synthetic data.
+_CONDITION_DATA = ("real", "real+stage1", "real+stage2", *(f"real+stage2:{m}" for m in MEASURES), "synthetic")
+ConditionChoice = Literal[tuple(  # type: ignore[valid-type]
+    f"{data}{suffix}" for data in _CONDITION_DATA for suffix in ("", *(f"+{a}" for a in AUGMENTS)))]
 
 
 def _defaults_from(path: Path) -> Params:
@@ -120,7 +124,10 @@ class PipelineOptions(BaseModel):
     data_path: str = Field(_FORM_DEFAULTS["data_path"], description="data.path: npz file or image-folder root, "
                            "relative to the project root (empty: none)")
     data_flag: str = Field(_FORM_DEFAULTS["data_flag"], description="data.flag: medmnist data set, e.g. breastmnist")
-    diffusion_steps: int = Field(_FORM_DEFAULTS["diffusion_steps"], ge=1, description="train_diffusion.steps")
+    # A plain integer input (the form avoids type toggles); `auto` goes through extra_overrides.
+    diffusion_steps: int = Field(_FORM_DEFAULTS["diffusion_steps"], ge=1, description=(
+        'train_diffusion.steps (for auto, train until the judged snapshots stop improving: '
+        'extra_overrides {"train_diffusion.steps": "auto"})'))
     classifier_steps: int = Field(_FORM_DEFAULTS["classifier_steps"], ge=1, description="train_classifier.steps")
     guidance: Literal["classifier", "cfg", "none"] = Field(_FORM_DEFAULTS["guidance"],
                                                           description="generate.guidance (stage 1)")
@@ -236,7 +243,13 @@ def _stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str
 
 
 def _unit_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return cache_key("evaluate", parameters["params"], parameters["layout"], unit=parameters["unit"].name)
+    """The evaluate stage's own unit key (what the unit's result depends on: its synthetic set, not
+    the generator's parameters), so a run that changes only generator parameters reuses the
+    generator-independent units (real, real+<augment>) from Prefect's cache too."""
+    unit, params, layout = parameters["unit"], parameters["params"], parameters["layout"]
+    key = evaluate_stage.unit_keys([unit], params, layout)[unit]
+    root = hashlib.sha256(str(layout.root).encode()).hexdigest()[:8]  # the result store may be shared
+    return f"mgdm-evaluate-unit-{root}-{key}"
 
 
 def is_transient(task: Any, task_run: Any, state: State) -> bool:

@@ -49,7 +49,48 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit, not only HEAD's")
     p.add_argument("--width", type=int, help="line width (default: the terminal's)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p = sub.add_parser("pool", help="pool the evaluate results of several generators (runs that differ only in "
+                       "the generator seed): a t-interval over generators per comparison, variance components, "
+                       "and the generators and seeds a target difference needs")
+    p.add_argument("sources", nargs="+", help="one evaluate.json (or project root holding metrics/evaluate.json) "
+                   "per generator")
+    p.add_argument("--reference", default="real", help="condition every other is compared with (default: real)")
+    p.add_argument("--compare", action="append", default=[], metavar="COND:REF",
+                   help="compare COND with REF instead (repeatable; one family per network and metric)")
+    p.add_argument("--shared", help="evaluate.json or project root whose conditions fill in those a generator's "
+                   "file lacks (generator-independent ones: real, real+classic), the same for every generator")
+    p.add_argument("--metric", default="auc", help="metric of the markdown report (the JSON holds every compared "
+                   "metric; default: auc)")
+    p.add_argument("--target", type=float, default=0.01, help="difference the design table sizes for (default: 0.01)")
+    p.add_argument("--out", default="reports/pooled.md", help="markdown report; the JSON goes beside it "
+                   "(default: reports/pooled.md and reports/pooled.json)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def _pool(args: argparse.Namespace) -> int:
+    from mgdm_core.evaluation import generators
+    from mgdm_core.io import atomic_write, ensure_writable_dir, write_json_atomic
+
+    runs = [generators.load_runs(source) for source in args.sources]
+    shared = generators.load_runs(args.shared) if args.shared else None
+    known = sorted({c for r in [*runs, shared or {}] for by_metric in r.values() for by_cond in by_metric.values()
+                    for c in by_cond})
+    pooled = generators.pool(
+        runs, shared=shared, reference=args.reference,
+        comparisons=[generators.parse_comparison(text, known) for text in args.compare] or None,
+        metrics=None, target=args.target,
+        names=[str(generators.evaluate_file(source)) for source in args.sources],
+    )
+    report = generators.pooled_markdown(pooled, args.metric)
+    out = Path(args.out)
+    ensure_writable_dir(out.parent)
+    with atomic_write(out) as tmp:
+        Path(tmp).write_text(report)
+    write_json_atomic(out.with_suffix(".json"), pooled)
+    print(report)
+    log.info("pool: wrote %s and %s", out, out.with_suffix(".json"))
+    return 0
 
 
 def _run_stage(args: argparse.Namespace) -> int:
@@ -179,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             return _repro(args)
         if args.command == "profile":
             return _profile(args)
+        if args.command == "pool":
+            return _pool(args)
         if args.command == "compare":
             from mgdm_core.experiments import compare
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mgdm_core.conditions import parse_condition
 from mgdm_core.errors import ConfigError
 
 Measure = Literal["entropy", "margin", "least_confidence", "classifier"]
@@ -78,12 +79,24 @@ class DiffusionParams(Section):
     resblock_updown: bool = True
 
 
+def _positive_int_or_auto(value: Any) -> Any:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError("must be a positive integer or auto")
+
+
 class TrainDiffusionParams(Section):
-    steps: int = Field(3000, ge=1)
+    # optimiser steps (raising it continues a finished run from its checkpoint), or `auto`: train in
+    # chunks of checkpoint_every steps, judge each EMA snapshot as `quality` does (unguided sample:
+    # FD / floor, class fidelity of a reference classifier trained on real images) and stop by the
+    # rule of the auto_* keys (docs/architecture.md, "Training as long as it pays")
+    steps: Annotated[int | Literal["auto"], BeforeValidator(_positive_int_or_auto)] = 3000
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)  # reached after a warm-up: min(decay, (1+n)/(10+n))
+    # Clip the gradient's global L2 norm to this before each step; null: no clipping (the original release).
+    grad_clip: float | None = Field(1.0, gt=0)
     # Weight of the eps-MSE per timestep: sqrt_one_minus_alpha_bar = 1/sqrt(1+SNR) (the original
     # release's), uniform (DDPM's L_simple) or min_snr (Min-SNR-5, Hang et al. 2023).
     mse_weighting: Literal["sqrt_one_minus_alpha_bar", "uniform", "min_snr"] = "sqrt_one_minus_alpha_bar"
@@ -94,6 +107,19 @@ class TrainDiffusionParams(Section):
     log_every: int = Field(50, ge=1)
     # DDPM respacing of the sample grid drawn after training (plots/train_diffusion_samples.png)
     preview_respacing: str = "100"
+    # steps: auto. Stop once a snapshot's class fidelity AUC is at least the real test images' minus
+    # auto_fidelity_tolerance and FD / floor has not improved (by auto_min_improvement, relative) for
+    # auto_patience snapshots in a row; never train past auto_max_steps. The model kept is the
+    # faithful snapshot with the lowest FD / floor (the lowest overall when none is faithful).
+    # (mgdm_core/training/auto_steps.py)
+
+    auto_max_steps: int = Field(20000, ge=1)  # steps: auto: the most steps trained
+    auto_patience: int = Field(3, ge=1)  # steps: auto: snapshots in a row without an FD / floor improvement
+    auto_min_improvement: float = Field(0.02, ge=0, lt=1)  # steps: auto: relative FD / floor drop that counts
+    auto_fidelity_tolerance: float = Field(0.02, ge=0, le=1)  # steps: auto: fidelity AUC margin below real's
+    auto_samples: int = Field(64, ge=2)  # steps: auto: unguided images per snapshot, classes balanced, fixed seeds
+    auto_respacing: str = "50"  # steps: auto: DDPM respacing of those images
+    auto_reference_epochs: int = Field(20, ge=1)  # steps: auto: epochs of the reference classifier (simple_cnn)
 
 
 class ClassifierParams(Section):
@@ -106,6 +132,7 @@ class ClassifierParams(Section):
     attention_resolutions: Auto[tuple[int, ...]] = None  # attention sizes in pixels; `auto`: the two coarsest levels
     head_channels: int = Field(64, ge=8)
     pool: Literal["attention", "mean"] = "attention"
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout in the classifier's residual blocks (the original release: 0.4)
 
 
 class TrainClassifierParams(Section):
@@ -113,7 +140,15 @@ class TrainClassifierParams(Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.05, ge=0)
+    # Decay of the exponential moving average of the weights that is saved (with train_diffusion.ema_decay's
+    # warm-up); 0 keeps no average, the last step's weights are saved (the original release).
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    # Clip the gradient's global L2 norm to this before each step; null: no clipping (the original release).
+    grad_clip: float | None = Field(1.0, gt=0)
+    # Random crop of each training image (the original classifier's random_crop_arr): the image is
+    # enlarged so the crop keeps between this fraction (the original: 0.8) and all of each side,
+    # then cropped back to its size at a random place; null: no crop.
+    random_crop_min_frac: float | None = Field(None, gt=0, le=1)
     noised: bool = True  # train on x_t at random t (needed for guidance); False: clean images
     balanced: bool = True
     random_flip: bool = True
@@ -129,7 +164,9 @@ class GenerateParams(Section):
     # classifier: eps - sqrt(1-abar) * scale * grad log p(y|x_t); cfg: eps_c + scale * (eps_c - eps_u)
     # (the original release's convention: 0 = plain conditional sampling).
     scale: float = 1.0
-    sampler: Literal["ddim", "ddpm"] = "ddim"
+    # ddpm (stochastic), ddim (deterministic with eta 0) or dpmpp_2m (DPM-Solver++(2M): deterministic,
+    # second order, x0_hat dynamically thresholded; nearer the exact ODE than ddim at equal steps); one model call per step
+    sampler: Literal["ddim", "ddpm", "dpmpp_2m"] = "ddim"
     respacing: str = "ddim50"
     eta: float = Field(0.0, ge=0, le=1)
     # balance: fill every class up to the largest (any number of classes); counts: `counts[k]` of class k
@@ -161,7 +198,9 @@ class DisturbParams(Section):
 
 class EvaluateParams(Section):
     networks: tuple[str, ...] = ("resnet18",)
-    # real, real+classic, real+stage1, real+stage2 (every measure run) or real+stage2:<measure>, synthetic
+    # `<data>[+<augment>]` (mgdm_core/conditions.py): data `real` (the baseline), `real+stage1`,
+    # `real+stage2` (every measure run), `real+stage2:<measure>` or `synthetic`; augment, applied to
+    # training batches only: `classic`, `trivialaugment`, `randaugment`, `mixup`, `cutmix` (README, "Evaluation")
     conditions: tuple[str, ...] = ("real", "real+classic", "real+stage1", "real+stage2")
     seeds: tuple[int, ...] = (0, 1)
     # network -> its own seeds (cheap networks can afford more); networks not listed use `seeds`
@@ -174,18 +213,19 @@ class EvaluateParams(Section):
     # Downstream classifiers saved as MLflow models: none, the best seed (validation AUC) of
     # every (network, condition), or all units.
     log_models: Literal["none", "best", "all"] = "best"
+    # Finished units stay cached under .mgdm/evaluate-units/ (reused by any later run on the same
+    # inputs); a completed run removes those no run has used for this many days (0: all it did not use).
+    unit_cache_days: int = Field(30, ge=0)
 
     @field_validator("conditions")
     @classmethod
     def _known_conditions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for cond in value:
-            base, _, measure = cond.partition(":")
-            if base not in ("real", "real+classic", "real+stage1", "real+stage2", "synthetic"):
-                raise ValueError(
-                    f"unknown condition '{cond}' (expected real, real+classic, real+stage1, "
-                    "real+stage2, real+stage2:<measure> or synthetic)"
-                )
-            if measure and (base != "real+stage2" or measure not in MEASURES):
+            try:
+                measure = parse_condition(cond).measure
+            except ConfigError as exc:  # pydantic reports ValueError under the key's name
+                raise ValueError(str(exc)) from None
+            if measure is not None and measure not in MEASURES:
                 raise ValueError(f"condition '{cond}': a measure suffix needs real+stage2 and one of {MEASURES}")
         if "real" not in value:
             raise ValueError("conditions must include the baseline 'real'")

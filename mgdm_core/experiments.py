@@ -63,7 +63,8 @@ def _metric_label(path: str, key: str) -> str:
 def figures(data: Mapping[str, Any]) -> dict[str, str]:
     """One revision's `data` from `dvc exp show --json` as {row label: formatted value}: every
     parameter (dotted keys, the file named when it is not params.yaml) and every metric, with
-    a headline row's `d_auc`, `d_lo`, `d_hi` folded into one `d_auc [95% CI]` cell."""
+    a headline row's `d_auc`, `d_lo`, `d_hi` folded into one `d_auc [CI]` cell (the
+    interval the headline row holds: Bonferroni, simultaneous 95% over the network's comparisons)."""
     rows: dict[str, str] = {}
     for file, content in (data.get("params") or {}).items():
         flat: dict[str, Any] = {}
@@ -75,7 +76,7 @@ def figures(data: Mapping[str, Any]) -> dict[str, str]:
         _flatten("", (content or {}).get("data") or {}, flat)
         if all(isinstance(flat.get(key), (int, float)) for key in _INTERVAL):
             d, lo, hi = (flat.pop(key) for key in _INTERVAL)
-            flat["d_auc [95% CI]"] = f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            flat["d_auc [CI]"] = f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
         rows.update({_metric_label(path, key): _format(value, metric=True) for key, value in flat.items()})
     return rows
 

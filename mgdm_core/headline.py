@@ -5,8 +5,10 @@ declares as metrics only these small files, one JSON file per row, so `dvc metri
 one line per row with a handful of columns (it prints one line per file, one column per key):
 
 * `metrics/evaluate/<network>/<condition>.json` (written by `evaluate`): `auc`, `acc` (mean over
-  seeds), and for every condition but the baseline `d_auc` with `d_lo`, `d_hi`, the 95% interval of
-  the paired difference in AUC to `real`;
+  seeds), and for every condition but the baseline `d_auc` with `d_lo`, `d_hi`, the paired
+  difference in AUC to `real` and its interval: Bonferroni's, each at 1 - 0.05/m for the m
+  conditions compared with `real`, so that a network's intervals hold together at 95% (the level
+  is in metrics/evaluate.json's `confidence` / `family_confidence`);
 * `metrics/quality/<set>.json` (written by `quality`) for `real`, `stage1` and `stage2-<measure>`:
   `fd_ratio` (Fréchet distance over the real-validation floor) and `fidelity` (class fidelity:
   the reference classifier's AUC against the intended labels; for `real`, on the real test set);

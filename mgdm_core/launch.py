@@ -16,17 +16,24 @@ import argparse
 import json
 import logging
 import os
+import platform
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mgdm_core import distributed, runtime, tracking
 from mgdm_core.config import Params, validate_params
+from mgdm_core.device import resolve_device
 from mgdm_core.errors import MgdmError
+from mgdm_core.io import write_json_atomic
 from mgdm_core.layout import Layout
 from mgdm_core.stages import reads, stage_module
 from mgdm_core.stages.checks import check_stage_inputs
@@ -59,6 +66,7 @@ def run_stage(
     module = stage_module(name)
     check_stage_inputs(name, params, layout)
     started = time.perf_counter()
+    clock = CostClock.start()
     launching = (params.launcher.kind == "torchrun" and name in distributed.DISTRIBUTED_STAGES
                  and not distributed.in_worker())
     if distributed.in_worker() and name in distributed.DISTRIBUTED_STAGES:
@@ -76,8 +84,81 @@ def run_stage(
             metrics = module.run(params, layout, tracker)
         seconds = time.perf_counter() - started
         tracker.log_metrics({"stage_seconds": seconds})
-    log.info("%s finished in %.1f s", name, seconds)
+        cost = stage_cost(clock, params.device)
+        record_cost(layout.metrics_file(name), cost)
+        tracker.log_metrics({f"cost.{k}": v for k, v in cost.items() if k != "machine"})
+        tracker.log_params({f"cost.machine.{k}": v for k, v in cost["machine"].items()})
+    log.info("%s finished in %.1f s (%.1f CPU s)", name, seconds, cost["cpu_seconds"])
     return metrics
+
+
+# ---- what a stage cost ---------------------------------------------------------------------------
+
+
+def _cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass(frozen=True)
+class CostClock:
+    """Wall time and CPU time (this process; its children that were waited for) at a stage's start."""
+
+    wall: float
+    cpu_process: float
+    cpu_children: float
+
+    @classmethod
+    def start(cls) -> "CostClock":
+        return cls(time.perf_counter(), _cpu_seconds(resource.RUSAGE_SELF), _cpu_seconds(resource.RUSAGE_CHILDREN))
+
+
+def cpu_model() -> str:
+    """The CPU's name: `model name` in /proc/cpuinfo (Linux), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_facts(device: str) -> dict[str, Any]:
+    """The machine a stage ran on, as flat JSON values: CPU model, logical cores (the machine's
+    and those this process may use), torch's intra-op threads, the device and the accelerator's name."""
+    dev = resolve_device(device)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu_model": cpu_model(),
+        "logical_cores": os.cpu_count() or 0,
+        "usable_cores": usable or 0,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(dev),
+        "accelerator": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "none",
+        "platform": platform.platform(),
+    }
+
+
+def stage_cost(clock: CostClock, device: str) -> dict[str, Any]:
+    """Seconds since `clock` started: wall, CPU of this process, CPU of its finished child
+    processes (torchrun ranks, evaluation workers: `RUSAGE_CHILDREN` counts the children, and
+    theirs, once waited for) and their sum; with the machine under `machine`."""
+    process = _cpu_seconds(resource.RUSAGE_SELF) - clock.cpu_process
+    children = _cpu_seconds(resource.RUSAGE_CHILDREN) - clock.cpu_children
+    return {"wall_seconds": time.perf_counter() - clock.wall, "cpu_seconds": process + children,
+            "cpu_seconds_process": process, "cpu_seconds_children": children, "machine": machine_facts(device)}
+
+
+def record_cost(metrics_file: Path, cost: dict[str, Any]) -> None:
+    """Add `cost` to the stage's metrics JSON (written by the stage itself; left alone when the stage
+    wrote none, e.g. a torchrun rank other than 0)."""
+    if not metrics_file.is_file():
+        return
+    metrics = json.loads(metrics_file.read_text())
+    if isinstance(metrics, dict):
+        write_json_atomic(metrics_file, {**metrics, "cost": cost})
 
 
 def launch(stage: str, params: Params, layout: Layout, run_id: str | None) -> dict[str, float]:

@@ -65,6 +65,23 @@ def _verdict(diff: dict | None) -> str:
     return "no difference detected" + mde
 
 
+def _legend(evaluate: dict) -> str:
+    """What the table's intervals and marks are, by the format the run's evaluate.json has."""
+    head = ("mean ± std over seeds; Δ: paired difference to `real` (t over paired seeds when there are at "
+            "least 5, else a paired bootstrap over test images, which leaves the seeds' variance out)")
+    if evaluate.get("interval") == "bonferroni":
+        return (head + ", with Bonferroni intervals: per network, the m conditions compared with `real` are one "
+                "family whose intervals hold together at 95% (each at 1 - 0.05/m); `*` marks a difference "
+                "Holm's step-down procedure declares (family-wise 5%), `*†` one Holm declares while the "
+                "simultaneous interval still spans 0; for the others, the verdict gives the smallest difference "
+                "the run detects with 80% power at the level used (noncentral t).")
+    if evaluate.get("adjustment") == "holm":  # metrics written before the Bonferroni intervals
+        return (head + ", with Holm step-down intervals (each at alpha/(m-i+1), 98.3-99.2% each, NOT "
+                "simultaneous 95%); `*` marks a difference Holm declares (family-wise 5%); for the others, "
+                "the verdict gives (t(1-alpha/2) + t(0.8)) se, which has about 75% power, not 80%.")
+    return head + ", unadjusted 95% intervals; `*` marks an interval that excludes 0."
+
+
 def build(root: Path, name: str, profile: str | None, out_dir: Path, notes: list[str] = ()) -> str:
     evaluate = json.loads((root / "metrics" / "evaluate.json").read_text())
     disturb = json.loads((root / "metrics" / "disturb.json").read_text())
@@ -94,12 +111,7 @@ def build(root: Path, name: str, profile: str | None, out_dir: Path, notes: list
         "",
         *(f"- {sentence}" for sentence in verdict_sentences(evaluate)),
         "",
-        "mean ± std over seeds; Δ: paired difference to `real` with its 95% interval "
-        "(t over paired seeds when there are at least 5, else a paired bootstrap over test images), "
-        + ("Holm-adjusted across the conditions compared with `real` (per network, family-wise 95%); "
-           "`*` marks a difference Holm declares (its interval excludes 0); for the others, the verdict gives "
-           "the smallest difference the run could have detected with 80% power."
-           if evaluate.get("adjustment") == "holm" else "unadjusted; `*` marks an interval that excludes 0."),
+        _legend(evaluate),
         "",
         "| network | condition | AUC | ACC | balanced ACC | Δ AUC vs real | Δ ACC vs real | verdict (AUC) | seeds |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -46,8 +46,8 @@ def test_only_figures_that_differ_are_rows_with_the_paired_difference_and_interv
     cols = select(columns(_shown()), [])
     labels = rows(cols)
     assert labels == ["disturb.scale", "resnet18 real+stage2-entropy auc",
-                      "resnet18 real+stage2-entropy d_auc [95% CI]", "quality stage2-entropy fd_ratio"]
-    assert cols[1].values["resnet18 real+stage2-entropy d_auc [95% CI]"] == "+0.030 [+0.010, +0.050]"
+                      "resnet18 real+stage2-entropy d_auc [CI]", "quality stage2-entropy fd_ratio"]
+    assert cols[1].values["resnet18 real+stage2-entropy d_auc [CI]"] == "+0.030 [+0.010, +0.050]"
     assert "resnet18 real auc" in rows(cols, only_changed=False)
 
 

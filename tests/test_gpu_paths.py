@@ -1,27 +1,36 @@
-"""The dtype and memory-layout paths a GPU run takes, exercised on the CPU.
+"""The dtype and memory-layout paths a GPU run takes, exercised through the project's own switches.
 
-`device.autocast` turns on bf16 autocast on CUDA only; CPU bf16 autocast runs the same dtype
-path (matmuls and convolutions in bf16, GroupNorm and the losses in float32), so its numerics
-stand in for the GPU's here. channels_last is the layout cuDNN prefers for convolutions.
+Mixed precision is `mgdm_core.device.autocast(device)`: bf16 autocast on CUDA, a no-op (fp32) on
+the CPU. On a CUDA machine the tests run it as is; on a CPU-only one they run the context it
+returns for CUDA on the CPU instead (its device type and dtype, so a change to `device.autocast`
+shows here): CPU bf16 autocast takes the same dtype path (matmuls and convolutions in bf16,
+GroupNorm and the losses in float32), so its numerics stand in for the GPU's.
+The memory layout is `UNet.use_channels_last()`, the switch the sampling stages use (the
+classifier has none: it always runs NCHW).
 
 Tolerances: bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 2e-3 per operation); the
 losses and GroupNorm run in float32, so the loss of a correct bf16 path stays within a few 1e-4
-of fp32. Measured here (28 px grey 2 classes, 32 px RGB 5 classes, zero-initialised layers given
-random weights so every path counts): hybrid loss 1.0e-4 to 1.6e-4 relative, classifier
-cross-entropy 0.5e-4 to 2.4e-4, gradient cosine >= 0.9995; limits are ~20x those. channels_last
-changes only the summation order: losses agree to 2.4e-7 and gradients to 2e-7 absolute.
+of fp32. Measured on the CPU (28 px grey 2 classes, 32 px RGB 5 classes, zero-initialised layers
+given random weights so every path counts; not yet on CUDA): hybrid loss 1.0e-4 to 1.6e-4
+relative, classifier cross-entropy 0.5e-4 to 2.4e-4, gradient cosine >= 0.9995; limits are ~20x
+those. channels_last changes only the summation order: losses agree to 2.4e-7 and gradients to
+2e-7 absolute.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mgdm_core.device import autocast
 from mgdm_core.diffusion.losses import hybrid_loss, q_sample
 from mgdm_core.diffusion.schedule import make_schedule
+from mgdm_core.networks.blocks import is_channels_last
 from mgdm_core.networks.classifier import ClassifierConfig, NoisyClassifier
 from mgdm_core.networks.unet import UNet, default_unet_config
 
@@ -74,17 +83,35 @@ def _classifier_loss(model, x0, noise, t, y):
     return F.cross_entropy(model(x_t, t).float(), y)
 
 
-def _step(model, loss_fn, batch, bf16: bool):
-    """One training step (forward, backward, AdamW); returns (loss, flat gradient, the stepped model)."""
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+def _mixed_precision(device: torch.device):
+    """The project's mixed-precision context for a run on `device` (see the module docstring)."""
+    if device.type == "cuda":
+        return autocast(device)
+    with warnings.catch_warnings():  # "CUDA is not available ... Disabling autocast": expected here
+        warnings.simplefilter("ignore", UserWarning)
+        cuda_context = autocast(torch.device("cuda"))
+    assert isinstance(cuda_context, torch.autocast) and cuda_context.device == "cuda"
+    return torch.autocast("cpu", dtype=cuda_context.fast_dtype)
+
+
+def _step(model, loss_fn, batch, context):
+    """One training step (forward under `context`, backward, AdamW); returns (loss, flat gradient,
+    the stepped model, the dtype of the network's output)."""
     model = copy.deepcopy(model)
     torch.manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    dtypes = []
+    hook = model.register_forward_hook(lambda _module, _inputs, out: dtypes.append(out.dtype))
+    with context:
         loss = loss_fn(model, *batch)
+    hook.remove()
     loss.backward()
     grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     optimizer.step()
-    return loss.detach(), grad, model
+    return loss.detach(), grad, model, dtypes[0]
 
 
 NETWORKS = {
@@ -93,16 +120,27 @@ NETWORKS = {
 }
 
 
+def test_device_autocast_keeps_the_cpu_in_fp32():
+    model = _classifier(28, 1, 2)
+    x0, _, t, _ = _batch(28, 1, 2)
+    with autocast(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
+        assert model(x0, t).dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", NETWORKS)
 @pytest.mark.parametrize(("image_size", "channels", "num_classes"), [(28, 1, 2), (32, 3, 5)])
-def test_bf16_autocast_training_step_is_finite_and_matches_fp32(name, image_size, channels, num_classes):
+def test_bf16_autocast_training_step_is_finite_and_matches_fp32(device, name, image_size, channels, num_classes):
+    device = torch.device(device)
     build, loss_fn = NETWORKS[name]
-    model = build(image_size, channels, num_classes)
-    batch = _batch(image_size, channels, num_classes)
-    loss32, grad32, _ = _step(model, loss_fn, batch, bf16=False)
-    loss16, grad16, stepped = _step(model, loss_fn, batch, bf16=True)
-    print(f"{name} {image_size}px: fp32 {loss32:.6f} bf16 {loss16:.6f} "
+    model = build(image_size, channels, num_classes).to(device)
+    batch = tuple(x.to(device) for x in _batch(image_size, channels, num_classes))
+    loss32, grad32, _, out32 = _step(model, loss_fn, batch, contextlib.nullcontext())
+    loss16, grad16, stepped, out16 = _step(model, loss_fn, batch, _mixed_precision(device))
+    print(f"{name} {image_size}px on {device}: fp32 {loss32:.6f} bf16 {loss16:.6f} "
           f"rel {abs(loss16 / loss32 - 1):.2e} grad cos {F.cosine_similarity(grad16, grad32, dim=0):.5f}")
+    assert (out32, out16) == (torch.float32, torch.bfloat16)  # the context really switched the network to bf16
     assert loss16.dtype == torch.float32  # the losses are computed in float32 under autocast
     assert torch.isfinite(loss16) and torch.isfinite(grad16).all()
     assert all(torch.isfinite(p).all() for p in stepped.parameters())
@@ -110,26 +148,37 @@ def test_bf16_autocast_training_step_is_finite_and_matches_fp32(name, image_size
     assert float(F.cosine_similarity(grad16, grad32, dim=0)) > GRAD_COSINE
 
 
-@pytest.mark.parametrize("name", NETWORKS)
-def test_channels_last_gives_the_same_outputs_and_gradients(name):
-    build, loss_fn = NETWORKS[name]
-    model = build(32, 3, 5)
-    batch = _batch(32, 3, 5)
-    loss, grad, _ = _step(model, loss_fn, batch, bf16=False)
-    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    x0, noise, t, y = batch
-    batch_last = (x0.contiguous(memory_format=torch.channels_last),
-                  noise.contiguous(memory_format=torch.channels_last), t, y)
-    loss_last, grad_last, _ = _step(last, loss_fn, batch_last, bf16=False)
+def _conv_input_layouts(model: torch.nn.Module, *args) -> tuple[list[bool], torch.Tensor]:
+    """Whether each convolution of one forward saw channels_last (NHWC) input, in call order; and the output."""
+    seen: list[bool] = []
+    hooks = [m.register_forward_pre_hook(lambda _module, inputs: seen.append(is_channels_last(inputs[0])))
+             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        out = model(*args)
+    for hook in hooks:
+        hook.remove()
+    return seen, out
+
+
+def test_use_channels_last_runs_nhwc_inside_and_gives_the_same_outputs_and_gradients():
+    model = _unet(32, 3, 5)
+    batch = _batch(32, 3, 5)  # NCHW, as the sampling stages pass them: the UNet converts inside
+    loss, grad, _, _ = _step(model, _unet_loss, batch, contextlib.nullcontext())
+    last = copy.deepcopy(model).use_channels_last()
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in last.parameters() if w.dim() == 4)
+    loss_last, grad_last, _, _ = _step(last, _unet_loss, batch, contextlib.nullcontext())
     assert torch.allclose(loss_last, loss, atol=LAYOUT_ATOL, rtol=0)
     assert torch.allclose(grad_last, grad, atol=LAYOUT_ATOL, rtol=0)
     model.eval()
     last.eval()
-    with torch.no_grad():
-        args = (x0, t, y) if name == "unet" else (x0, t)
-        out = model(*args)
-        out_last = last(x0.contiguous(memory_format=torch.channels_last), *args[1:])
+    x0, _, t, y = batch
+    layouts, out = _conv_input_layouts(model, x0, t, y)
+    layouts_last, out_last = _conv_input_layouts(last, x0, t, y)
+    assert not any(layouts) and all(layouts_last) and len(layouts_last) == len(layouts)
+    assert out_last.is_contiguous()  # the output stays NCHW
     assert torch.allclose(out_last, out, atol=LAYOUT_ATOL, rtol=0)
+    back, _ = _conv_input_layouts(last.use_channels_last(False), x0, t, y)
+    assert not any(back)
 
 
 # --- scripts/gpu_check.py -----------------------------------------------------------------------

@@ -6,14 +6,19 @@ stage's contract for K = 5.
 """
 
 import json
+import sys
 
 import numpy as np
 import pytest
+import torch
+from sklearn.metrics import roc_auc_score
 
 pytestmark = pytest.mark.slow  # about 5 CPU-minutes: 64 px networks through all seven stages
 
 from mgdm_core import tracking
 from mgdm_core.config import load_params
+from mgdm_core.device import resolve_device
+from mgdm_core.evaluation.train import predict_probs
 from mgdm_core.io import read_image, read_manifest
 from mgdm_core.launch import run_stage
 from mgdm_core.layout import Layout
@@ -97,6 +102,43 @@ def test_evaluate_reports_macro_auc_accuracy_and_per_class_recall_for_five_class
         metrics = conditions[condition]["metrics"]
         assert 0.0 <= metrics["auc"]["mean"] <= 1.0 and 0.0 <= metrics["accuracy"]["mean"] <= 1.0
         assert [f"recall_{k}" in metrics for k in range(K)] == [True] * K
+
+
+def _logged_unit_models(layout):
+    """(network, condition) -> (unit run, MLflow model URI) of each classifier evaluate logged."""
+    client, experiment_id = tracking.connect(layout.root)
+    models = {}
+    for model in client.search_logged_models([experiment_id]):
+        run = client.get_run(model.source_run_id)
+        if run.data.tags.get("stage") == "evaluate" and run.data.tags.get("kind") == "unit":
+            models[(run.data.tags["network"], run.data.tags["condition"])] = (run, model.artifact_location)
+    return models
+
+
+def test_evaluate_auc_is_sklearns_macro_one_vs_rest_auc_of_the_logged_classifiers(chain, monkeypatch):
+    """The stage keeps no test probabilities (unit results are dropped once summarised), but it
+    logs each (network, condition)'s classifier as an MLflow model (`log_models: best`; with one
+    seed, that unit's). Its probabilities on the prepared test set give scikit-learn's macro
+    one-vs-rest AUC, which must be the AUC the unit logged and evaluate.json reports."""
+    import mlflow.pytorch
+
+    params, layout, _ = chain
+    assert params.evaluate.log_models == "best" and params.evaluate.seeds_for("simple_cnn") == (0,)
+    evaluate = json.loads(layout.metrics_file("evaluate").read_text())
+    with np.load(layout.split_file("test")) as arrays:
+        images = torch.from_numpy(arrays["images"]).permute(0, 3, 1, 2).contiguous()  # uint8 [N,C,H,W]
+        labels = arrays["labels"]
+    models = _logged_unit_models(layout)
+    conditions = evaluate["networks"]["simple_cnn"]
+    assert set(models) == {("simple_cnn", c) for c in conditions}
+    monkeypatch.setattr(sys, "path", list(sys.path))  # loading prepends the model's code directory
+    device = resolve_device(params.device)  # where the units ran (bf16 on CUDA): the same probabilities
+    for (_, condition), (run, uri) in models.items():
+        probs = predict_probs(mlflow.pytorch.load_model(uri).to(device), images, device)
+        assert probs.shape == (len(labels), K)
+        expected = roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+        assert run.data.metrics["auc"] == pytest.approx(expected, abs=1e-12), condition
+        assert conditions[condition]["metrics"]["auc"]["mean"] == pytest.approx(expected, abs=1e-12), condition
 
 
 def test_sample_grids_have_one_row_per_class(chain):

@@ -7,7 +7,6 @@ and through a two-worker Dask LocalCluster (the Prefect `evaluate_grid` subflow)
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -152,6 +151,7 @@ def in_process(smoke):
     finally:
         torch.set_num_threads(threads)
     reference = json.loads(layout.metrics_file("evaluate").read_text())
+    del reference["cost"]  # what run_stage adds; the Prefect grid's summarise does not pass through it
     layout.metrics_file("evaluate").unlink()
     return reference
 
@@ -201,7 +201,6 @@ def _check_same_grid(smoke, out: dict, written: dict, reference: dict) -> None:
 
 
 def test_evaluation_grid_on_a_dask_cluster_matches_the_in_process_run(smoke, in_process, prefect_api) -> None:
-    pytest.importorskip("prefect_dask")
     out, written = _grid(smoke, "dask", prefect_api)
     _check_same_grid(smoke, out, written, in_process)
 
@@ -231,11 +230,11 @@ def test_grid_runner_choices() -> None:
     assert isinstance(pipeline.grid_task_runner("threads", 2), ThreadPoolTaskRunner)
     with pytest.raises(ConfigError, match="dask_address"):
         pipeline.grid_task_runner("processes", 2, "tcp://scheduler:8786")
-    if importlib.util.find_spec("prefect_dask"):
-        remote = pipeline.grid_task_runner("dask", 2, "tcp://scheduler:8786")
-        assert remote.address == "tcp://scheduler:8786"
-        local = pipeline.grid_task_runner("dask", 3)
-        assert local.cluster_kwargs == {"n_workers": 3, "threads_per_worker": 1, "processes": True}
+    # prefect-dask is a requirement (requirements.txt, the `pipeline` extra): without it this fails.
+    remote = pipeline.grid_task_runner("dask", 2, "tcp://scheduler:8786")
+    assert remote.address == "tcp://scheduler:8786"
+    local = pipeline.grid_task_runner("dask", 3)
+    assert local.cluster_kwargs == {"n_workers": 3, "threads_per_worker": 1, "processes": True}
 
 
 # --- a DVC remote -----------------------------------------------------------------------------

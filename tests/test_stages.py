@@ -1,6 +1,8 @@
 """The six stages on the smoke profile, in process, in a temporary project: their data contracts."""
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -217,6 +219,7 @@ def test_a_killed_evaluation_resumes_with_only_the_missing_units_and_the_same_re
         return real_run_unit(unit, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "run_unit", killed_at_the_third_unit)
+    shutil.rmtree(layout.root / ".mgdm" / "evaluate-units")  # the smoke run's units would serve two of these
     with pytest.raises(KeyboardInterrupt):
         run_stage("evaluate", grid, layout)
     assert len(list((layout.root / ".mgdm" / "evaluate-units").glob("*.pt"))) == 2
@@ -225,10 +228,12 @@ def test_a_killed_evaluation_resumes_with_only_the_missing_units_and_the_same_re
     monkeypatch.setattr(evaluate, "run_unit", lambda unit, *a, **k: trained.append(unit) or real_run_unit(unit, *a, **k))
     run_stage("evaluate", grid, layout)
     assert trained == evaluate.plan(grid, layout)[2:]  # the two finished units were not trained again
-    assert not (layout.root / ".mgdm" / "evaluate-units").exists()  # a completed run leaves nothing to resume
+    # A completed run keeps its units for the next run on the same inputs.
+    assert len(list((layout.root / ".mgdm" / "evaluate-units").glob("*.pt"))) == 4
     resumed = json.loads(layout.metrics_file("evaluate").read_text())
 
     trained.clear()
+    shutil.rmtree(layout.root / ".mgdm" / "evaluate-units")
     run_stage("evaluate", grid, layout)  # from scratch: same units, same numbers
     assert len(trained) == 4
     assert json.loads(layout.metrics_file("evaluate").read_text())["networks"] == resumed["networks"]
@@ -252,3 +257,90 @@ def test_an_evaluation_resumes_only_units_whose_inputs_are_unchanged(smoke):
     changed = evaluate.unit_keys(units, params, layout)
     uses_stage1 = {u for u in units if u.condition in ("real+stage1", "synthetic")}
     assert uses_stage1 and all((changed[u] == keys[u]) == (u not in uses_stage1) for u in units)
+
+
+# ---- the evaluate unit cache across experiments ---------------------------------------------------
+
+
+def _write_stage1(layout, scale: float, changed: bool) -> None:
+    """A stand-in stage-1 set (3 training images per class, as `generate` would list them); with
+    `changed`, one image differs, as a set generated at another scale would."""
+    from mgdm_core.io import write_manifest, write_png
+    from mgdm_core.stages.common import load_prepared
+
+    data = load_prepared(layout)
+    rows = []
+    for label, name in enumerate(data.class_names):
+        for i, index in enumerate(np.flatnonzero(data.labels["train"] == label)[:3]):
+            image = data.images["train"][index].copy()
+            if changed and label == 0 and i == 0:
+                image = 255 - image
+            file = f"{name}/{i:05d}.png"
+            write_png(layout.stage1_dir / file, image)
+            rows.append({"file": file, "class": name, "label": label, "source": "", "guidance": "classifier",
+                         "scale": scale, "seed": i, "confidence": "", "entropy": ""})
+    write_manifest(layout.stage1_dir / "manifest.csv", rows)
+
+
+def test_a_later_experiment_that_changes_only_the_generator_retrains_only_the_units_that_read_its_images(
+        repo_root, tmp_path, monkeypatch):
+    from mgdm_core.stages import evaluate
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    layout = Layout(tmp_path)
+    params = load_params(repo_root / "params.yaml", "smoke").with_overrides({
+        "evaluate.networks": ["simple_cnn"], "evaluate.conditions": ["real", "real+classic", "real+stage1"],
+        "evaluate.seeds": [0], "evaluate.epochs": 1, "evaluate.workers": 1})
+    run_stage("prepare", params, layout)
+    _write_stage1(layout, params.generate.scale, changed=False)
+    trained = []
+    real_run_unit = evaluate.run_unit
+    monkeypatch.setattr(evaluate, "run_unit", lambda unit, *a, **k: trained.append(unit.condition) or real_run_unit(unit, *a, **k))
+
+    run_stage("evaluate", params, layout)
+    assert trained == ["real", "real+classic", "real+stage1"]
+    first = json.loads(layout.metrics_file("evaluate").read_text())["networks"]["simple_cnn"]
+
+    # Another experiment: a new guidance scale, so `generate` made another stage-1 set.
+    other = params.with_overrides({"generate.scale": params.generate.scale + 1.0})
+    _write_stage1(layout, other.generate.scale, changed=True)
+    trained.clear()
+    run_stage("evaluate", other, layout)
+    assert trained == ["real+stage1"]
+    second = json.loads(layout.metrics_file("evaluate").read_text())["networks"]["simple_cnn"]
+    assert second["real"] == first["real"] and second["real+classic"] == first["real+classic"]
+
+    # Both experiments' units stay cached: going back to the first set trains nothing.
+    _write_stage1(layout, params.generate.scale, changed=False)
+    trained.clear()
+    run_stage("evaluate", params, layout)
+    assert trained == []
+    assert json.loads(layout.metrics_file("evaluate").read_text())["networks"]["simple_cnn"] == first
+
+
+def test_the_unit_keys_leave_out_the_grid_and_what_does_not_shape_a_unit(smoke):
+    from mgdm_core.stages import evaluate
+
+    params, layout, _, _ = smoke
+    units = evaluate.plan(params, layout)
+    keys = evaluate.unit_keys(units, params, layout)
+    for change in ({"evaluate.seeds": [0, 5]}, {"evaluate.log_models": "none"}, {"evaluate.unit_cache_days": 1},
+                   {"generate.scale": 7.0}, {"disturb.scale": 9.0}):
+        assert evaluate.unit_keys(units, params.with_overrides(change), layout) == keys, change
+    ratio = evaluate.unit_keys(units, params.with_overrides({"evaluate.synthetic_ratio": 2.0}), layout)
+    assert {u.condition for u in units if ratio[u] == keys[u]} == {"real"}
+
+
+def test_the_unit_cache_drops_only_units_unused_for_longer_than_its_limit(tmp_path):
+    from mgdm_core.stages.evaluate import prune_unit_cache
+
+    now = 1_000_000_000.0
+    ages = {"used_old.pt": 90, "unused_old.pt": 31, "unused_recent.pt": 29}
+    for name, days in ages.items():
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (now - days * 86400, now - days * 86400))
+    removed = prune_unit_cache(tmp_path, {tmp_path / "used_old.pt"}, 30, now=now)
+    assert removed == [tmp_path / "unused_old.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unused_recent.pt", "used_old.pt"]
+    assert prune_unit_cache(tmp_path, {tmp_path / "used_old.pt"}, 0, now=now) == [tmp_path / "unused_recent.pt"]
+    assert prune_unit_cache(tmp_path / "absent", set(), 0) == []

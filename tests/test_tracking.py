@@ -159,7 +159,7 @@ def test_units_log_their_parameters_data_sets_and_the_best_model(root: Path, rep
     results = [evaluate.run_unit(u, params, layout, stage, progress=False) for u in evaluate.plan(params, layout)]
     unit = client.get_run(results[0]["run_id"])
     assert unit.data.params == {
-        "network": "simple_cnn", "condition": "real", "measure": "-", "synthetic_ratio": "-",
+        "network": "simple_cnn", "condition": "real", "measure": "-", "augment": "-", "synthetic_ratio": "-",
         "generate_guidance": "-", "generate_scale": "-", "disturb_scale": "-", "epochs": "1",
         "batch_size": "16", "lr": str(params.evaluate.lr), "seed": "0", "training_seed": "0"}
     inputs = {d.dataset.name: d for d in unit.inputs.dataset_inputs}

@@ -1,4 +1,4 @@
-"""Samplers: DDIM, ancestral DDPM and deterministic DDIM inversion, as pure functions.
+"""Samplers: DDIM, ancestral DDPM, DPM-Solver++(2M) and deterministic DDIM inversion, as pure functions.
 
 Each walks explicit schedule positions i = N-1 .. 0 (inversion: 0 .. N-1), feeding the network
 `schedule.timesteps[i]`, with per-step scalars as Python floats from the float64 schedule (no host
@@ -13,13 +13,15 @@ never clipped again, so clipping cannot truncate the guidance at high noise:
 - DDIM: eps_hat = eps - sqrt(1 - alpha_bar_t) * scale * guidance(x_t, t, y) (Dhariwal & Nichol
   2021, eq. 14) and x0_hat is re-derived from eps_hat;
 - DDPM: the posterior mean is shifted by Sigma_t * scale * guidance (Dhariwal & Nichol 2021, alg. 1).
+DPM-Solver++ applies the same eps correction to the model's raw eps and then thresholds the guided
+data prediction, as Lu et al. (2022) do (see `dpmpp_2m_sample`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,6 +33,7 @@ from mgdm_core.diffusion.schedule import Schedule
 
 NoiseFn = Callable[[Tensor, int], Tensor]
 Callback = Callable[[dict[str, Any]], None]
+Thresholding = Literal["dynamic", "static", "none"]
 
 
 def _model_eps(model: Model, x: Tensor, t: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -145,6 +148,103 @@ def ddpm_sample(
             mean = mean + torch.exp(log_var) * scale * guidance(x, t, y)
         x = mean if i == 0 else mean + torch.exp(0.5 * log_var) * draw(x, i)
     return x
+
+
+def dpmpp_2m_sample(
+    model: Model,
+    x_T: Tensor,
+    schedule: Schedule,
+    *,
+    y: Tensor | None = None,
+    guidance: Guidance | None = None,
+    scale: float = 0.0,
+    thresholding: Thresholding = "dynamic",
+    threshold_quantile: float = 0.995,
+    callback: Callback | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", alg. 2): the probability-flow ODE in
+    data-prediction form, second-order multistep, one model call per schedule position.
+
+    With alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar) and lambda = log(alpha / sigma), a step
+    from position i (lambda_i) to the next (lambda_{i-1}, h = lambda_{i-1} - lambda_i) is
+        x_{i-1} = (sigma_{i-1} / sigma_i) x_i + alpha_{i-1} (1 - e^{-h}) D,
+    D = x0_hat_i on the first step (DPM-Solver++ 1, which is DDIM with eta 0) and otherwise
+    D = (1 + 1/(2r)) x0_hat_i - 1/(2r) x0_hat_{i+1}, r = (lambda_i - lambda_{i+1}) / h (the
+    multistep form of alg. 2). Position 0 (t = 0 after respacing) is DPM-Solver's end point t_eps:
+    the step into it is first order ("lower order final", which Lu et al. recommend below 15 steps,
+    here at every count) and its model call only denoises, x_0 = x0_hat_0 (the first-order step to
+    alpha_bar = 1, where lambda is infinite). Why at every count: time-uniform respacing makes the
+    lambda-step into t = 0 three to four times the one before it (r ~ 0.25), and the linear
+    extrapolation of x0_hat in lambda overshoots there; on the closed-form mixture (2048 samples of
+    a class) a second-order step into position 0 over-disperses the samples by 63 % at 20 steps
+    and 16 % at 50, against 15 % under and 0.3 % over when it is first order (DDIM: 30 % and 13 %
+    under).
+
+    x0_hat_i = (x_i - sigma_i eps_hat) / alpha_i comes from the guided eps,
+    eps_hat = eps - sigma_i * scale * guidance(x_i, t_i, y) (the other samplers' correction,
+    Dhariwal & Nichol eq. 14; classifier-free guidance comes in as the `cfg_model` wrapper), and is
+    then thresholded, as Lu et al. sec. 4 recommend for guided pixel-space sampling:
+    "dynamic" (Saharia et al. 2022: per image, s = max(1, quantile_q |x0_hat|), x0_hat clamped to
+    [-s, s] and divided by s, so a large guidance step is scaled down, not cut off), "static"
+    (clamp to [-1, 1]) or "none". Unlike ddim_sample's `clip_denoised`, which clips the model's own
+    prediction before guidance, the data prediction the solver extrapolates is bounded after it: its
+    multistep combination amplifies out-of-range values. Learned-variance (2C) outputs: the eps
+    channels are used. `callback` sees x_i and the thresholded x0_hat_i. Deterministic: no noise.
+    """
+    if not 0.0 < threshold_quantile <= 1.0:
+        raise ValueError(f"threshold_quantile must be in (0, 1], got {threshold_quantile}")
+    x = x_T
+    previous: tuple[Tensor, float] | None = None  # (x0_hat, lambda) at the position before
+    for i in reversed(range(schedule.num_timesteps)):
+        abar = float(schedule.alphas_cumprod[i])
+        abar_next = float(schedule.alphas_cumprod_prev[i])
+        t = _network_t(schedule, i, x)
+        eps, _ = _model_eps(model, x, t, y)
+        if guidance is not None and scale != 0:
+            eps = eps - math.sqrt(1.0 - abar) * scale * guidance(x, t, y)
+        x0_hat = _threshold(_x0_hat(x, eps, abar, False), thresholding, threshold_quantile)
+        if callback is not None:
+            callback(dict(i=i, t=int(schedule.timesteps[i]), x=x, x0_hat=x0_hat))
+        lam = _half_log_snr(abar)
+        if abar_next >= 1.0:  # sigma_{i-1} = 0: the first-order step is x0_hat itself
+            x = x0_hat
+        else:
+            h = _half_log_snr(abar_next) - lam
+            d = x0_hat
+            if previous is not None and i > 1:  # first order on the first step and into position 0
+                x0_before, lam_before = previous
+                half_inv_r = 0.5 * h / (lam - lam_before)
+                d = (1.0 + half_inv_r) * x0_hat - half_inv_r * x0_before
+            x = math.sqrt((1.0 - abar_next) / (1.0 - abar)) * x - math.sqrt(abar_next) * math.expm1(-h) * d
+        previous = (x0_hat, lam)
+    return x
+
+
+def _half_log_snr(abar: float) -> float:
+    """lambda = log(alpha / sigma) = log(alpha_bar / (1 - alpha_bar)) / 2, DPM-Solver's time variable."""
+    return 0.5 * (math.log(abar) - math.log1p(-abar))
+
+
+def _threshold(x0: Tensor, kind: Thresholding, quantile: float) -> Tensor:
+    """x0_hat [B, C, H, W] bounded to [-1, 1]: `dynamic` (Imagen's per-image quantile rescale),
+    `static` (clamp) or `none` (unchanged)."""
+    if kind == "none":
+        return x0
+    if kind == "static":
+        return x0.clamp(-1.0, 1.0)
+    if kind == "dynamic":
+        return dynamic_threshold(x0, quantile)
+    raise ValueError(f"thresholding must be 'dynamic', 'static' or 'none', got {kind!r}")
+
+
+def dynamic_threshold(x0: Tensor, quantile: float = 0.995) -> Tensor:
+    """Dynamic thresholding (Saharia et al. 2022, Imagen sec. 2.3): per image, s = max(1, the
+    `quantile` of |x0|), x0 clamped to [-s, s] and divided by s. Images already inside [-1, 1] up to
+    the quantile are only clamped; [B, ...] -> same shape and dtype."""
+    # torch.quantile needs float32/64 (not bf16 under autocast); s is per image, broadcast back.
+    s = torch.quantile(x0.detach().abs().flatten(1).float(), quantile, dim=1).clamp(min=1.0)
+    s = s.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
 def ddim_invert(

@@ -5,9 +5,11 @@ A unit record is a mapping with `network`, `condition`, `seed`, `metrics` (from
 `classification_metrics`), `test_probs` [N, K] and `test_labels` [N]; every record must score
 the same test images in the same order, which the paired comparisons rely on.
 
-Per network and metric, the conditions compared with the baseline form one family: their
-p-values are Holm-adjusted (`stats.holm`) and each interval is recomputed at its Holm level, so
-the family-wise error stays at 5% however many conditions a profile lists.
+Per network and metric, the m conditions compared with the baseline form one family. Its
+decisions (`reject`, the `*` and the verdict words) are Holm's step-down test (`stats.holm`) at
+family-wise 5%; its intervals are Bonferroni's, each at 1 - 0.05/m (`confidence`), so that all m
+hold together at 95% (`family_confidence`) however many conditions a profile lists. Holm can
+reject where a Bonferroni interval still touches 0: such rows are marked (`†`), not hidden.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from matplotlib.figure import Figure
 
 from mgdm_core.errors import ConfigError, DataError
 from mgdm_core.evaluation.metrics import COMPARED_METRICS
-from mgdm_core.evaluation.stats import CONFIDENCE, POWER, difference_to_baseline, holm, summarise
+from mgdm_core.evaluation.stats import (
+    CONFIDENCE,
+    POWER,
+    bonferroni_confidence,
+    difference_to_baseline,
+    holm,
+    summarise,
+)
 
 _METHOD_ABBREV = {"t_over_seeds": "t", "bootstrap_test_images": "boot"}
 STAGE1 = "real+stage1"
@@ -49,12 +58,16 @@ def _common_test_labels(unit_results: Sequence[Mapping[str, Any]]) -> np.ndarray
 
 
 def _condition_summary(runs: dict[int, Mapping[str, Any]]) -> dict[str, Any]:
-    """Each scalar metric's mean/std/n over seeds; `vs_baseline` is filled in by `_compare`."""
-    first = next(iter(runs.values()))["metrics"]
-    scalar = [k for k, v in first.items() if isinstance(v, (int, float))]
+    """Each scalar metric's mean/std/n over seeds and its `per_seed` values (in the order of
+    `seeds`, so runs of several generators can be pooled from the JSON files alone:
+    `evaluation.generators`); `vs_baseline` is filled in by `_compare`."""
+    seeds = sorted(runs)
+    first = runs[seeds[0]]["metrics"]
+    scalar = [k for k, v in first.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return {
-        "seeds": sorted(runs),
-        "metrics": {k: summarise([r["metrics"][k] for r in runs.values()]) for k in scalar},
+        "seeds": seeds,
+        "metrics": {k: summarise([runs[s]["metrics"][k] for s in seeds]) for k in scalar},
+        "per_seed": {k: [float(runs[s]["metrics"][k]) for s in seeds] for k in scalar},
         "vs_baseline": None,
     }
 
@@ -67,27 +80,32 @@ def _compare(
     n_boot: int,
     seed: int,
 ) -> dict[str, dict[str, Any]]:
-    """condition -> metric -> paired difference of each of `others` to `baseline`, Holm-adjusted
-    across `others`: {delta, ci_low, ci_high, n, method, confidence, p_value, mde, p_holm, reject,
-    comparisons, adjustment}. `confidence` is the interval's own level after the adjustment."""
+    """condition -> metric -> paired difference of each of `others` to `baseline`: {delta,
+    ci_low, ci_high, n, method, confidence, family_confidence, interval, p_value, p_holm, reject,
+    comparisons, adjustment, mde, mde_power, mde_alpha, variance_covered}.
+
+    The interval is Bonferroni's (`interval`), at `confidence` = 1 - 0.05/m each and
+    `family_confidence` = 0.95 for the m together; `reject` is Holm's decision (`adjustment`) on
+    the unadjusted p-values; `mde` is the difference the level-(0.05/m) test detects with
+    `mde_power`."""
     probs = {c: {s: np.asarray(r["test_probs"]) for s, r in runs.items()} for c, runs in conditions.items()}
     out: dict[str, dict[str, Any]] = {c: {} for c in others}
+    each = bonferroni_confidence(len(others), CONFIDENCE) if others else CONFIDENCE
     for metric in COMPARED_METRICS:
-
-        def diff(c: str, confidence: float) -> dict[str, Any]:
-            return difference_to_baseline(
-                y_true, probs[c], probs[baseline], metric, n_boot=n_boot, seed=seed, confidence=confidence
+        raw = {
+            c: difference_to_baseline(
+                y_true, probs[c], probs[baseline], metric, n_boot=n_boot, seed=seed, confidence=each, power=POWER
             )
-
-        raw = {c: diff(c, CONFIDENCE) for c in others}
-        adjusted = holm([raw[c]["p_value"] for c in others], alpha=1 - CONFIDENCE)
+            for c in others
+        }
+        decided = holm([raw[c]["p_value"] for c in others], alpha=1 - CONFIDENCE)
         for i, c in enumerate(others):
-            confidence = 1 - adjusted["alpha_level"][i]
-            entry = raw[c] if np.isclose(confidence, CONFIDENCE) else diff(c, confidence)
             out[c][metric] = {
-                **entry,
-                "p_holm": adjusted["p_adjusted"][i],
-                "reject": bool(adjusted["reject"][i]),
+                **raw[c],
+                "family_confidence": CONFIDENCE,
+                "interval": "bonferroni",
+                "p_holm": decided["p_adjusted"][i],
+                "reject": bool(decided["reject"][i]),
                 "comparisons": len(others),
                 "adjustment": "holm",
             }
@@ -101,9 +119,10 @@ def build_summary(
     n_boot: int = 2000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """{baseline, n_test, test_class_counts, minority_class, adjustment, family_confidence, power,
-    networks: {network: {condition: {seeds, metrics: {metric: {mean, std, n}}, vs_baseline:
-    {metric: see `_compare`} or None for the baseline}}}}; the baseline condition is listed first.
+    """{baseline, n_test, test_class_counts, minority_class, adjustment, interval,
+    family_confidence, power, networks: {network: {condition: {seeds, metrics: {metric: {mean,
+    std, n}}, per_seed: {metric: [value per seed]}, vs_baseline: {metric: see `_compare`} or None
+    for the baseline}}}}; the baseline condition is listed first.
     When `real+stage1` was run, each `real+stage2:<measure>` also gets `vs_stage1` (the same
     structure against `real+stage1`, Holm-adjusted across the measures): does stage 2 add
     anything over stage 1."""
@@ -130,6 +149,7 @@ def build_summary(
         "test_class_counts": counts.tolist(),
         "minority_class": int(counts.argmin()),
         "adjustment": "holm",
+        "interval": "bonferroni",
         "family_confidence": CONFIDENCE,
         "power": POWER,
         "networks": networks,
@@ -149,17 +169,32 @@ def _significant(diff: Mapping[str, Any]) -> bool:
     return diff["ci_low"] > 0 or diff["ci_high"] < 0
 
 
+def _declared_inside_interval(diff: Mapping[str, Any]) -> bool:
+    """Holm declares a difference that the Bonferroni interval still spans 0 for (Holm's later
+    steps test at levels above alpha/m, so it can reject what the simultaneous interval cannot)."""
+    return _significant(diff) and diff["ci_low"] <= 0 <= diff["ci_high"]
+
+
+def _marks(diff: Mapping[str, Any]) -> str:
+    return ("*" if _significant(diff) else "") + ("†" if _declared_inside_interval(diff) else "")
+
+
+def _percent(level: float) -> str:
+    """0.95 -> '95%', 0.98333 -> '98.3%'."""
+    return f"{level:.1%}".replace(".0%", "%")
+
+
 def _delta(diff: Mapping[str, Any] | None) -> str:
-    """'+0.012 [-0.004, +0.028] boot', starred when Holm rejects (the interval then excludes 0)."""
+    """'+0.012 [-0.004, +0.028] boot'; * when Holm rejects, *† when it rejects although the
+    interval spans 0."""
     if diff is None:
         return "—"
-    star = "*" if _significant(diff) else ""
     method = _METHOD_ABBREV[diff["method"]]
-    return f"{diff['delta']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]{star} {method}"
+    return f"{diff['delta']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]{_marks(diff)} {method}"
 
 
 def _mde(diff: Mapping[str, Any] | None) -> str:
-    """The minimum detectable effect of a null comparison; '—' for the baseline and for effects found."""
+    """The detectable difference of a null comparison; '—' for the baseline and for effects found."""
     if diff is None or _significant(diff) or diff.get("mde") is None:
         return "—"
     return f"{diff['mde']:.3f}"
@@ -169,12 +204,32 @@ def _listing(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def _interval_words(diff: Mapping[str, Any], comparisons: int) -> str:
+    """What the family's intervals are: 'simultaneous 95% intervals (Bonferroni, each 98.3%)', or
+    for summaries written before Bonferroni intervals, their stated per-interval level."""
+    each = _percent(diff.get("confidence", CONFIDENCE))
+    if diff.get("interval") == "bonferroni" and comparisons > 1:
+        return f"simultaneous {_percent(diff['family_confidence'])} intervals (Bonferroni, each {each})"
+    return f"{each} intervals"
+
+
+def _decision_words(diff: Mapping[str, Any], comparisons: int) -> str:
+    if diff.get("adjustment") != "holm":
+        return "verdicts: interval excludes 0"
+    family = 1 - diff.get("family_confidence", CONFIDENCE)
+    if comparisons == 1:
+        return f"verdicts: two-sided test at {_percent(family)}"
+    return f"verdicts: Holm's test over {comparisons} comparisons at family-wise {_percent(family)}"
+
+
 def _verdicts(compared: Mapping[str, Mapping[str, Any]], against: str) -> list[str]:
     """'better than X: a +0.03 [+0.01, +0.05]', 'worse than X: ...', 'no difference detected
-    for b and c (smallest detectable: 0.041, 0.023)' for the comparisons that have each."""
+    for b and c (smallest detectable with 80% power at level 0.025: 0.041, 0.023)' for the
+    comparisons that have each; better/worse is Holm's decision (†: the interval spans 0)."""
 
     def fmt(c: str, d: Mapping[str, Any]) -> str:
-        return f"{c} {d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+        dagger = "†" if _declared_inside_interval(d) else ""
+        return f"{c} {d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]{dagger}"
 
     better = [fmt(c, d) for c, d in compared.items() if _significant(d) and d["delta"] > 0]
     worse = [fmt(c, d) for c, d in compared.items() if _significant(d) and d["delta"] < 0]
@@ -183,32 +238,38 @@ def _verdicts(compared: Mapping[str, Mapping[str, Any]], against: str) -> list[s
     if worse:
         parts.append(f"worse than {against}: {_listing(worse)}")
     if null:
+        first = next(iter(null.values()))
         detectable = ", ".join(f"{d['mde']:.3f}" for d in null.values())
+        level = f" at level {first['mde_alpha']:.3g}" if first.get("mde_alpha") is not None else ""
         parts.append(
             f"no difference from {against} detected for {_listing(list(null))} "
-            f"(smallest detectable with {POWER:.0%} power: {detectable})"
+            f"(smallest detectable with {first.get('mde_power', POWER):.0%} power{level}: {detectable})"
         )
     return parts
 
 
 def verdict_sentence(network: str, conditions: Mapping[str, Any], baseline: str, metric: str = "auc") -> str:
-    """One sentence: which conditions beat the baseline, which lost to it, which showed no
-    difference (with the smallest difference the run could have detected), and, when both were
-    run, stage 2 against stage 1."""
+    """One sentence: which conditions beat the baseline, which lost to it (Holm's decisions),
+    which showed no difference (with the smallest difference the run could have detected), and,
+    when both were run, stage 2 against stage 1. It names the intervals' levels and the rule
+    behind the verdict words."""
     name = {"auc": "AUC", "accuracy": "ACC", "balanced_accuracy": "balanced ACC"}.get(metric, metric)
     base = conditions[baseline]["metrics"][metric]
     compared = {c: e["vs_baseline"][metric] for c, e in conditions.items() if e.get("vs_baseline")}
     head = f"**{network}** ({len(conditions[baseline]['seeds'])} seeds, {baseline} {name} {_mean_std(base)}"
     if not compared:
         return f"{head}): only the baseline was run."
-    adjustment = next(iter(compared.values())).get("adjustment")
-    family = f"Holm-adjusted over {len(compared)} comparisons" if adjustment == "holm" else "unadjusted"
+    first = next(iter(compared.values()))
+    rules = f"{_interval_words(first, len(compared))}; {_decision_words(first, len(compared))}"
+    if first.get("method") == "bootstrap_test_images":
+        rules += "; bootstrap over test images, the seeds' variance left out"
     parts = _verdicts(compared, baseline)
     stage2 = {c: e["vs_stage1"][metric] for c, e in conditions.items() if e.get("vs_stage1")}
     if stage2:
         family2 = f"Holm over {len(stage2)} measures" if len(stage2) > 1 else "one measure"
-        parts.append(f"stage 2 against {STAGE1} ({family2}): " + ", ".join(_verdicts(stage2, STAGE1)))
-    return f"{head}; Δ {name} with 95% intervals, {family}): {'; '.join(parts)}."
+        intervals2 = _interval_words(next(iter(stage2.values())), len(stage2))
+        parts.append(f"stage 2 against {STAGE1} ({family2}, {intervals2}): " + ", ".join(_verdicts(stage2, STAGE1)))
+    return f"{head}; Δ {name} with {rules}): {'; '.join(parts)}."
 
 
 def verdict_sentences(summary: Mapping[str, Any], metric: str = "auc") -> list[str]:
@@ -216,10 +277,22 @@ def verdict_sentences(summary: Mapping[str, Any], metric: str = "auc") -> list[s
     return [verdict_sentence(n, c, summary["baseline"], metric) for n, c in summary["networks"].items()]
 
 
+def _levels_legend(summary: Mapping[str, Any]) -> str:
+    """'each interval at 98.3% (3 comparisons per network)' for the family sizes the table has."""
+    levels = sorted({
+        (d["comparisons"], d["confidence"])
+        for conditions in summary["networks"].values()
+        for s in conditions.values()
+        if s.get("vs_baseline") and "comparisons" in (d := s["vs_baseline"]["auc"])
+    })
+    return "; ".join(f"{_percent(c)} each for {m} comparison{'s' if m > 1 else ''}" for m, c in levels) or "none here"
+
+
 def markdown_table(summary: Mapping[str, Any], dataset_name: str) -> str:
     """The evaluation report: one verdict sentence per network (`verdict_sentences`), then a table
     with one row per (network, condition), baseline first, and a legend."""
     baseline, minority = summary["baseline"], summary["minority_class"]
+    family = _percent(summary.get("family_confidence", CONFIDENCE))
     lines = [
         f"# {dataset_name}: downstream classifiers",
         "",
@@ -228,7 +301,7 @@ def markdown_table(summary: Mapping[str, Any], dataset_name: str) -> str:
         f"## All conditions ({summary['n_test']} test images, class counts {summary['test_class_counts']})",
         "",
         f"| network | condition | AUC | ACC | bal-acc | recall class {minority} (minority) "
-        f"| Δ AUC vs {baseline} [95% CI, Holm] | detectable Δ AUC | n |",
+        f"| Δ AUC vs {baseline} [simultaneous {family} CI] | detectable Δ AUC ({POWER:.0%} power) | n |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for network, conditions in summary["networks"].items():
@@ -250,12 +323,17 @@ def markdown_table(summary: Mapping[str, Any], dataset_name: str) -> str:
     lines += [
         "",
         "mean ± std over seeds (n seeds). Δ: paired difference to the baseline; "
-        "`t`: t-interval over paired seeds, `boot`: paired bootstrap over test images. "
-        "Intervals and * are Holm-adjusted across the conditions compared with the baseline "
-        "(per network; family-wise 95%): * marks a difference Holm declares, and only those "
-        "intervals exclude 0. An interval containing 0 means no difference was detected at this "
-        f"sample size, not that there is none; `detectable Δ` is the smallest difference it would "
-        f"have found with {POWER:.0%} power.",
+        "`t`: t-interval over paired seeds (same initialisation seed; batch order differs when the "
+        "training sets differ), `boot`: paired bootstrap over test images (it leaves the seeds' "
+        "variance out). Intervals are Bonferroni's: with m conditions compared with the baseline "
+        f"per network, each is at 1 - {1 - CONFIDENCE:.2g}/m ({_levels_legend(summary)}), so that a "
+        f"network's intervals hold together at {family}. * marks a difference Holm's step-down test "
+        f"declares at family-wise {_percent(1 - summary.get('family_confidence', CONFIDENCE))}: the rule "
+        "behind better / worse. Holm is the more powerful, so it may declare a difference whose "
+        "interval still spans 0 (*†). An interval containing 0 means no difference was detected at "
+        "this sample size, not that there is none; what it rules out is its bound. `detectable Δ` "
+        f"is the smallest true difference the family's test (level {1 - CONFIDENCE:.2g}/m) would have "
+        f"found with {POWER:.0%} power (noncentral t; normal for `boot`).",
         "",
     ]
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from torch import nn
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from mgdm_core.conditions import AUGMENTS
 from mgdm_core.device import autocast
 from mgdm_core.errors import ConfigError, DataError, NumericalError
 from mgdm_core.evaluation.metrics import auc, classification_metrics
@@ -131,6 +132,61 @@ def classic_augmentation() -> v2.Transform:
     return v2.Compose([v2.RandomHorizontalFlip(), affine])
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """A training-only augmentation policy in its two possible parts.
+
+    `per_image` maps one uint8 [C,H,W] image to another, before the float conversion (the
+    auto-augment policies need uint8; the affine's zero fill stays black, not mid-grey).
+    `batch` maps (float x [B,C,H,W], int64 labels [B]) to (x, soft labels float [B,K]) after it
+    (MixUp and CutMix pair each image with its neighbour in the shuffled batch).
+    Every random draw is from torch's global RNG, which `train_and_test` seeds per unit.
+    """
+
+    per_image: v2.Transform | None = None
+    batch: v2.Transform | None = None
+
+
+def augmentation(name: str | None, num_classes: int) -> Augmentation:
+    """The policy a condition's `+<augment>` names (None: no augmentation), torchvision's
+    implementations at their published defaults:
+
+    - classic: `classic_augmentation` (horizontal flip, small affine).
+    - trivialaugment: horizontal flip, then TrivialAugmentWide (Müller & Hutter 2021): one of 14
+      operations per image at a uniformly drawn strength over its "wide" range (identity; shear
+      up to 0.99; shift up to 32 px; rotation up to ±135°; brightness, colour, contrast, sharpness
+      ×0.01-1.99; posterize to 2-8 bits; solarize; autocontrast; equalize).
+    - randaugment: horizontal flip, then RandAugment (Cubuk et al. 2020) at N = 2 operations per
+      image from the same list, magnitude 9 of 30 (rotation ±9°, shear 0.09, shift 13.6% of the
+      side, brightness/colour/contrast/sharpness ×(1 ± 0.27), posterize to 7 bits).
+    - mixup: MixUp (Zhang et al. 2018), alpha = 1: each image blended with its batch neighbour by
+      lambda ~ Beta(1, 1), the labels alike.
+    - cutmix: CutMix (Yun et al. 2019), alpha = 1: a box of area 1 - lambda pasted from the
+      neighbour, the labels mixed by the pasted area.
+
+    The horizontal flips are the only flips: in ultrasound the transducer is at the top. The
+    auto-augment policies' rotations are theirs (TrivialAugmentWide's reach ±135°); colour
+    operations leave a one-channel image one channel.
+    """
+    flip = v2.RandomHorizontalFlip()
+    per_image = {
+        "classic": classic_augmentation,
+        "trivialaugment": lambda: v2.Compose([flip, v2.TrivialAugmentWide()]),
+        "randaugment": lambda: v2.Compose([flip, v2.RandAugment(num_ops=2, magnitude=9)]),
+    }
+    batch = {
+        "mixup": lambda: v2.MixUp(alpha=1.0, num_classes=num_classes),
+        "cutmix": lambda: v2.CutMix(alpha=1.0, num_classes=num_classes),
+    }
+    if name is None:
+        return Augmentation()
+    if name in per_image:
+        return Augmentation(per_image=per_image[name]())
+    if name in batch:
+        return Augmentation(batch=batch[name]())
+    raise ConfigError(f"evaluate: unknown augmentation '{name}' (valid: {', '.join(AUGMENTS)})")
+
+
 def lr_milestones(epochs: int) -> list[int]:
     """Epochs after which the learning rate drops 10x: 50% and 75% of `epochs`, rounded down
     (100 -> [50, 75], 30 -> [15, 22]); duplicates and 0 are dropped, so a short run never drops
@@ -165,14 +221,12 @@ def _train_epoch(
     labels: torch.Tensor,
     *,
     optimizer: torch.optim.Optimizer,
-    augment: v2.Transform | None,
+    augment: Augmentation,
     batch_size: int,
     device: torch.device,
 ) -> float:
     """One pass over a fresh permutation, dropping the ragged last batch (a batch of one breaks
-    BatchNorm); returns the mean training loss.
-
-    Augmentation runs on the uint8 images, so the affine's zero fill is black, not mid-grey.
+    BatchNorm); returns the mean training loss (against soft labels under MixUp/CutMix).
     """
     model.train()
     order = torch.randperm(len(images))
@@ -181,12 +235,14 @@ def _train_epoch(
     for step in range(steps):
         idx = order[step * batch_size : (step + 1) * batch_size]
         batch = images[idx]
-        if augment is not None:
+        if augment.per_image is not None:
             # per image: a v2 transform called on a batch would draw one set of parameters for all
-            batch = torch.stack([augment(img) for img in batch])
-        x = _to_model_input(batch, device)
+            batch = torch.stack([augment.per_image(img) for img in batch])
+        x, target = _to_model_input(batch, device), labels[idx].to(device)
+        if augment.batch is not None:
+            x, target = augment.batch(x, target)  # target: soft labels [B, K]
         with autocast(device):
-            loss = F.cross_entropy(model(x), labels[idx].to(device))
+            loss = F.cross_entropy(model(x), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -200,7 +256,7 @@ def train_and_test(
     *,
     network: str,
     data: EvalData,
-    augment: bool,
+    augment: str | None,
     epochs: int,
     batch_size: int,
     lr: float,
@@ -212,8 +268,9 @@ def train_and_test(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> UnitResult:
     """Train `network` from scratch on the real training set (plus `synthetic_ratio` x its size
-    of synthetic images when `data` holds them; see `mix_synthetic`), with classic augmentation
-    if `augment`; select the epoch by validation AUC and test it. Adam (L2 `weight_decay`, none
+    of synthetic images when `data` holds them; see `mix_synthetic`), its training batches (real
+    and synthetic alike) augmented by the policy `augment` names (see `augmentation`; None or
+    False: none); select the epoch by validation AUC and test it. Adam (L2 `weight_decay`, none
     in MedMNIST's protocol) with the step schedule of `lr_milestones`.
 
     `on_epoch` receives {"epoch", "train_loss", "val_auc", "lr"} after every epoch (a hook for
@@ -235,7 +292,7 @@ def train_and_test(
         model = build_network(network, images.shape[1], data.num_classes, images.shape[2]).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_milestones(epochs), gamma=0.1)
-        transform = classic_augmentation() if augment else None
+        transform = augmentation(augment or None, data.num_classes)
         history: list[float] = []
         best_state, best_epoch = None, -1
         for epoch in tqdm(range(epochs), desc=f"{network} seed {seed}", disable=not progress, leave=False):

@@ -2,7 +2,8 @@
 
 `metrics` holds the distribution distances (Fréchet, KID, k-NN precision/recall) and the
 nearest-neighbour distances; `features` trains the reference classifier whose penultimate
-activations are the feature space. The stage glue is `mgdm_core.stages.quality`.
+activations are the feature space; `report` writes the stage's markdown, CSV and plots.
+The stage glue is `mgdm_core.stages.quality`.
 """
 
 from mgdm_core.quality.metrics import (

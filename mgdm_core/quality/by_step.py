@@ -7,6 +7,7 @@ sample (same labels, same per-image seeds), so differences between steps come fr
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,9 @@ from mgdm_core.data.loaders import from_model_tensor
 from mgdm_core.device import autocast
 from mgdm_core.diffusion.sampling import PerImageNoise, ddpm_sample, initial_noise
 from mgdm_core.diffusion.schedule import Schedule
+from mgdm_core.quality.features import features_and_probs
+from mgdm_core.quality.judge import class_fidelity, floor_ratio, saturated_fraction
+from mgdm_core.quality.metrics import frechet_distance
 
 SNAPSHOT_NAME = re.compile(r"step_(\d+)\.pt")
 
@@ -74,3 +78,23 @@ def unguided_sample(
     if not out:
         return np.zeros((0, image_shape[1], image_shape[2], image_shape[0]), np.uint8)
     return np.concatenate(out)
+
+
+def _finite(value: float | None) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def judge_sample(
+    images: np.ndarray, labels: np.ndarray, reference: torch.nn.Module, test_feats: np.ndarray,
+    fd_floor: float | None, device: torch.device,
+) -> dict[str, float | None]:
+    """One snapshot's unguided sample (uint8 [N,H,W,C], intended labels [N]) judged by the
+    reference classifier: FD of its penultimate features to the real test set's `test_feats` and
+    that over `fd_floor`, class fidelity (AUC, balanced accuracy) and the saturated-pixel fraction;
+    None where undefined (JSON has no NaN)."""
+    feats, probs = features_and_probs(reference, images, device)
+    fidelity = class_fidelity(labels, probs)
+    fd = _finite(frechet_distance(feats, test_feats)) if len(feats) >= 2 else None
+    return {"fd": fd, "fd_ratio": floor_ratio(fd, fd_floor), "fidelity_auc": _finite(fidelity["auc"]),
+            "fidelity_balanced_accuracy": _finite(fidelity["balanced_accuracy"]),
+            "saturated_fraction": saturated_fraction(images)}

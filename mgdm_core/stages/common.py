@@ -133,7 +133,7 @@ def classifier_config(params: Params, image_size: int, channels: int, num_classe
         pool=c.pool,
         scale_shift_norm=True,
         resblock_updown=True,
-        dropout=0.0,
+        dropout=c.dropout,
     ), image_size)
 
 

@@ -5,14 +5,18 @@ trains and tests one (and logs its own nested MLflow run), `summarise` turns the
 `metrics/evaluate.json`, the report and the plots. `run` does all three in this process; the
 Prefect flow fans `run_unit` out through its task runner instead.
 
-Conditions: `real` (baseline), `real+classic` (flips and small affine), `real+stage1`,
+Conditions (`mgdm_core/conditions.py` parses them): `real` (baseline), `real+stage1`,
 `real+stage2:<measure>` (`real+stage2` expands to every measure in `disturb.measure`), and
-`synthetic` (stage-1 images only: train on synthetic, test on real).
+`synthetic` (stage-1 images only: train on synthetic, test on real), each optionally with a
+training-only augmentation `+classic` (flips and small affine), `+trivialaugment`, `+randaugment`,
+`+mixup` or `+cutmix` (`real+cutmix`, `real+stage2:entropy+cutmix`).
 
-A killed `run` resumes: every finished unit leaves its result under `.mgdm/evaluate-units/`, keyed
-by what the result depends on (the unit, the evaluate parameters, the seed, the device type, the
-prepared data, the unit's synthetic set and the code), and the next `run` on the same inputs trains
-only the units still missing. A run that completes removes them.
+Units are cached: every finished unit leaves its result under `.mgdm/evaluate-units/`, keyed by
+what the result depends on (the unit, the evaluate parameters that shape training, the seed, the
+device type, the prepared data, the unit's synthetic set and the code), so a killed `run` resumes
+with only the missing units, and a later run that changed only generator parameters retrains only
+the units whose synthetic set changed. A completed run keeps its units and removes those unused
+for more than `evaluate.unit_cache_days` days.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from mgdm_core import headline
+from mgdm_core.conditions import parse_condition
 from mgdm_core.config import Params
 from mgdm_core.device import resolve_device
 from mgdm_core.errors import ConfigError, DataError
@@ -60,15 +66,16 @@ class Unit:
 
 
 def expand_conditions(conditions: tuple[str, ...], measures: tuple[str, ...]) -> list[str]:
-    """`real+stage2` -> `real+stage2:<m>` for exactly the measures `disturb.measure` names (never
-    whatever stage-2 folders an older run left on disk); a named measure must be one of them."""
+    """`real+stage2` -> `real+stage2:<m>` (`real+stage2+mixup` -> `real+stage2:<m>+mixup`) for
+    exactly the measures `disturb.measure` names (never whatever stage-2 folders an older run left
+    on disk); a named measure must be one of them."""
     expanded: list[str] = []
     for cond in conditions:
-        base, _, measure = cond.partition(":")
-        if cond == "real+stage2":
-            expanded += [f"real+stage2:{m}" for m in measures]
-        elif base == "real+stage2" and measure not in measures:
-            raise ConfigError(f"evaluate.conditions: '{cond}' needs '{measure}' in disturb.measure "
+        parsed = parse_condition(cond)
+        if parsed.data == "real+stage2" and parsed.measure is None:
+            expanded += [str(parsed._replace(measure=m)) for m in measures]
+        elif parsed.data == "real+stage2" and parsed.measure not in measures:
+            raise ConfigError(f"evaluate.conditions: '{cond}' needs '{parsed.measure}' in disturb.measure "
                               f"(it names {', '.join(measures)})")
         else:
             expanded.append(cond)
@@ -94,15 +101,12 @@ def _manifest_images(manifest: Path, class_names: tuple[str, ...]) -> tuple[np.n
 
 
 def condition_data(condition: str, data: Prepared, layout: Layout) -> EvalData:
-    """The training data of one condition; validation and test are always the real splits."""
-    base, _, measure = condition.partition(":")
-    synthetic = None
-    if base in ("real+stage1", "synthetic"):
-        synthetic = _manifest_images(layout.stage1_dir / "manifest.csv", data.class_names)
-    elif base == "real+stage2":
-        synthetic = _manifest_images(layout.stage2_measure_dir(measure) / "manifest.csv", data.class_names)
+    """The training data of one condition; validation and test are always the real splits (its
+    augmentation, if any, is applied to training batches only, in `train_and_test`)."""
+    manifest = synthetic_manifest(condition, layout)
+    synthetic = None if manifest is None else _manifest_images(manifest, data.class_names)
     train_images, train_labels = data.images["train"], data.labels["train"]
-    if base == "synthetic":
+    if parse_condition(condition).data == "synthetic":
         (train_images, train_labels), synthetic = synthetic, None
     return EvalData(
         train_images=train_images, train_labels=train_labels,
@@ -115,12 +119,15 @@ def condition_data(condition: str, data: Prepared, layout: Layout) -> EvalData:
 
 
 def synthetic_manifest(condition: str, layout: Layout) -> Path | None:
-    """The manifest of the synthetic set a condition trains on (None: real images only)."""
-    base, _, measure = condition.partition(":")
-    if base in ("real+stage1", "synthetic"):
+    """The manifest of the synthetic set a condition trains on (None: real images only, whatever
+    its augmentation, so nothing generated reaches its result or its cache key)."""
+    parsed = parse_condition(condition)
+    if parsed.synthetic_set == "stage1":
         return layout.stage1_dir / "manifest.csv"
-    if base == "real+stage2":
-        return layout.stage2_measure_dir(measure) / "manifest.csv"
+    if parsed.synthetic_set == "stage2":
+        if parsed.measure is None:
+            raise ConfigError(f"evaluate: '{condition}' names no measure; expand_conditions first")
+        return layout.stage2_measure_dir(parsed.measure) / "manifest.csv"
     return None
 
 
@@ -135,13 +142,14 @@ def unit_params(unit: Unit, params: Params, layout: Layout) -> dict[str, Any]:
     The guidance scales are read from the manifests of the synthetic set the unit trains on (what
     its images were made with); "-" where the condition uses no such set."""
     e = params.evaluate
-    base, _, measure = unit.condition.partition(":")
+    parsed = parse_condition(unit.condition)
     manifest = synthetic_manifest(unit.condition, layout)
     stage1 = _first_row(layout.stage1_dir / "manifest.csv") if manifest is not None else {}
-    stage2 = _first_row(manifest) if base == "real+stage2" and manifest is not None else {}
+    stage2 = _first_row(manifest) if parsed.synthetic_set == "stage2" else {}
     return {
-        "network": unit.network, "condition": unit.condition, "measure": measure or "-",
-        "synthetic_ratio": e.synthetic_ratio if base.startswith("real+stage") else "-",
+        "network": unit.network, "condition": unit.condition, "measure": parsed.measure or "-",
+        "augment": parsed.augment or "-",
+        "synthetic_ratio": e.synthetic_ratio if parsed.data.startswith("real+stage") else "-",
         "generate_guidance": stage1.get("guidance", "-"), "generate_scale": stage1.get("scale", "-"),
         "disturb_scale": stage2.get("scale", "-"), "epochs": e.epochs, "batch_size": e.batch_size, "lr": e.lr,
         "seed": unit.seed, "training_seed": params.seed * 1000 + unit.seed,
@@ -156,7 +164,7 @@ def unit_inputs(unit: Unit, data: Prepared, train: EvalData, layout: Layout) -> 
               for split, context in (("train", "train"), ("val", "validation"), ("test", "test"))]
     manifest = synthetic_manifest(unit.condition, layout)
     if manifest is not None:
-        images, labels = ((train.train_images, train.train_labels) if unit.condition == "synthetic"
+        images, labels = ((train.train_images, train.train_labels) if parse_condition(unit.condition).data == "synthetic"
                           else (train.synthetic_images, train.synthetic_labels))
         inputs.append(DataInput(f"{name}/{layout.relative(manifest.parent)}", images, labels, str(manifest.parent),
                                 "synthetic"))
@@ -187,7 +195,7 @@ def run_unit(unit: Unit, params: Params, layout: Layout, tracker: Tracker, progr
         child.log_inputs(unit_inputs(unit, data, train_data, layout))
         result = train_and_test(
             network=unit.network, data=train_data,
-            augment=unit.condition == "real+classic", epochs=e.epochs, batch_size=e.batch_size, lr=e.lr,
+            augment=parse_condition(unit.condition).augment, epochs=e.epochs, batch_size=e.batch_size, lr=e.lr,
             seed=params.seed * 1000 + unit.seed, device=resolve_device(params.device),
             synthetic_ratio=e.synthetic_ratio, progress=progress,
             on_epoch=lambda row: child.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])),
@@ -244,24 +252,48 @@ def _log_best_models(results: list[dict[str, Any]], params: Params, layout: Layo
 
 
 def _verdict(vs_baseline: dict[str, Any] | None, is_baseline: bool) -> str:
-    """AUC's paired difference in words: its 95% interval above zero, below zero, or across it."""
+    """AUC's paired difference in words, by the report's rule: Holm's decision over the family
+    (summaries without one: the interval), and whether the simultaneous interval agrees."""
     if is_baseline:
         return "baseline"
     diff = (vs_baseline or {}).get("auc")
     if not diff or diff.get("delta") is None:
         return "no comparison"
-    if diff["ci_low"] > 0:
-        return "better than baseline (AUC interval above 0)"
-    if diff["ci_high"] < 0:
-        return "worse than baseline (AUC interval below 0)"
-    return "no clear difference (AUC interval spans 0)"
+    spans_zero = diff["ci_low"] <= 0 <= diff["ci_high"]
+    if "reject" not in diff:
+        declared, rule = not spans_zero, "AUC interval"
+    else:
+        declared, rule = bool(diff["reject"]), f"Holm over {diff.get('comparisons', 1)}, family-wise 5%"
+    if not declared:
+        return f"no difference detected ({rule}; AUC interval spans 0)"
+    word = "better" if diff["delta"] > 0 else "worse"
+    agrees = "; its simultaneous interval still spans 0" if spans_zero else ""
+    return f"{word} than baseline ({rule}{agrees})"
+
+
+def _interval_records(diff: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, float], dict[str, str]]:
+    """The level of a condition's AUC interval as MLflow params, metrics and a tag: per interval
+    (`interval_confidence`, 1 - 0.05/m for Bonferroni over m) and for the family together."""
+    if not diff or "confidence" not in diff:
+        return {}, {}, {}
+    each, family = diff["confidence"], diff.get("family_confidence", diff["confidence"])
+    m = diff.get("comparisons", 1)
+    kind = diff.get("interval", "per-comparison")
+    params = {"interval": kind, "interval_confidence": round(each, 6), "family_confidence": family,
+              "comparisons": m, "decision": diff.get("adjustment", "interval")}
+    metrics = {"interval_confidence": each, "family_confidence": family}
+    tag = f"simultaneous {family:.0%} over {m} ({kind}), each {each:.1%}" if kind == "bonferroni" else f"{each:.1%}"
+    return params, metrics, {"interval": tag}
 
 
 def _log_summary_runs(summary: dict[str, Any], tracker: Tracker) -> None:
     """One run per (network, condition) under the evaluate run, with the verdict as metrics:
     mean and std of each metric over seeds and the paired difference to the baseline with its
-    95% interval (`delta_auc`, `delta_auc_low`, `delta_auc_high`, ...). Sorting the runs table
-    by `delta_auc` then answers "did augmentation help?"."""
+    simultaneous interval (`delta_auc`, `delta_auc_low`, `delta_auc_high`, ...; Bonferroni, its
+    levels in `interval_confidence` / `family_confidence` and the `interval` tag), Holm's
+    adjusted p-value `delta_<metric>_p_holm` and the detectable difference
+    `delta_<metric>_detectable`. Sorting the runs table by `delta_auc` then answers "did
+    augmentation help?"; the `verdict` tag is Holm's decision."""
     baseline = summary["baseline"]
     for network, conditions in summary["networks"].items():
         for condition, entry in conditions.items():
@@ -280,11 +312,16 @@ def _log_summary_runs(summary: dict[str, Any], tracker: Tracker) -> None:
                     metrics[f"delta_{metric}"] = diff["delta"]
                     metrics[f"delta_{metric}_low"] = diff["ci_low"]
                     metrics[f"delta_{metric}_high"] = diff["ci_high"]
+                    metrics.update({f"delta_{metric}_{name}": diff[key] for name, key in
+                                    (("p_holm", "p_holm"), ("detectable", "mde")) if diff.get(key) is not None})
+            level_params, level_metrics, level_tags = _interval_records((entry.get("vs_baseline") or {}).get("auc"))
+            run.log_params(level_params)
+            metrics.update(level_metrics)
             if condition == baseline:  # the difference of the baseline to itself is exactly zero
                 metrics.update({f"delta_{m}{end}": 0.0 for m in COMPARED_METRICS if m in entry["metrics"]
                                 for end in ("", "_low", "_high")})
             run.log_metrics(metrics)
-            run.set_tags({"verdict": _verdict(entry.get("vs_baseline"), condition == baseline)})
+            run.set_tags({"verdict": _verdict(entry.get("vs_baseline"), condition == baseline), **level_tags})
             run.finish()
 
 
@@ -330,19 +367,47 @@ def _resume_dir(layout: Layout) -> Path:
     return layout.root / ".mgdm" / "evaluate-units"
 
 
+# Evaluate keys no unit's result depends on: the grid (the unit names its own network, condition
+# and seed), how many units run at once, which models MLflow keeps, how long the cache keeps them.
+_NOT_IN_UNIT_KEY = {"networks", "conditions", "seeds", "seeds_per_network", "workers", "log_models", "unit_cache_days"}
+
+
 def unit_keys(units: list[Unit], params: Params, layout: Layout) -> dict[Unit, str]:
-    """Each unit's resume key: a hash of everything its result depends on (not `workers` or the
-    MLflow run it logs to)."""
+    """Each unit's cache key: a hash of everything its result depends on and nothing else, so a
+    change of generator parameters (generate.*, disturb.*, the models) reaches only the units whose
+    synthetic set changed: the evaluate keys that shape training (`synthetic_ratio` only for units
+    with a synthetic set), the seed, the device type, the prepared data, the unit's synthetic set
+    (its files' bytes) and the mgdm_core sources."""
     synthetic = {m: tree_digest(m.parent) for m in {synthetic_manifest(u.condition, layout) for u in units} if m}
+    training = params.evaluate.model_dump(mode="json", exclude=_NOT_IN_UNIT_KEY)
     common = {"seed": params.seed, "device": resolve_device(params.device).type, "code": source_digest(),
-              "evaluate": params.evaluate.model_dump(mode="json", exclude={"workers"}),
               "prepared": tree_digest(layout.prepared)}
     keys = {}
     for u in units:
         manifest = synthetic_manifest(u.condition, layout)
-        payload = {**common, "unit": [u.network, u.condition, u.seed], "synthetic": synthetic.get(manifest)}
+        evaluate = training if manifest is not None else {k: v for k, v in training.items() if k != "synthetic_ratio"}
+        payload = {**common, "evaluate": evaluate, "unit": [u.network, u.condition, u.seed],
+                   "synthetic": synthetic.get(manifest)}
         keys[u] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
     return keys
+
+
+def prune_unit_cache(directory: Path, used: set[Path], max_age_days: float, now: float | None = None) -> list[Path]:
+    """Remove the cached unit results in `directory` that `used` (the files of the run that just
+    completed) does not name and that were last used more than `max_age_days` days before `now`
+    (0: every unused one); returns the removed files. A file's age is its mtime, which a run that
+    reuses the unit refreshes."""
+    if not directory.is_dir():
+        return []
+    now = time.time() if now is None else now
+    removed = []
+    for file in directory.iterdir():
+        if file in used or not file.is_file():
+            continue
+        if now - file.stat().st_mtime > max_age_days * 86400:
+            file.unlink(missing_ok=True)
+            removed.append(file)
+    return removed
 
 
 def _load_finished(file: Path) -> dict[str, Any] | None:
@@ -372,9 +437,11 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, Any]:
     files = {u: _resume_dir(layout) / f"{key}.pt" for u, key in unit_keys(units, params, layout).items()}
     finished = {u: r for u in units if (r := _load_finished(files[u])) is not None}
     if finished:
-        log.info("evaluate: %d of %d units resumed from an interrupted run on the same inputs (%s)",
+        log.info("evaluate: %d of %d units reused from an earlier or interrupted run on the same inputs (%s)",
                  len(finished), len(units), layout.relative(_resume_dir(layout)))
         tracker.set_tags({"resumed_units": f"{len(finished)}/{len(units)}"})
+        for u in finished:
+            os.utime(files[u])  # used now: the age `prune_unit_cache` reads
     todo = [u for u in units if u not in finished]
     workers = min(params.evaluate.workers, max(1, len(todo)))
     if workers == 1:
@@ -390,7 +457,11 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, Any]:
             fresh = [f.result() for f in tqdm(futures, desc="evaluate", unit="unit")]
     done = {**finished, **dict(zip(todo, fresh))}
     summary = summarise([done[u] for u in units], params, layout, tracker)
-    shutil.rmtree(_resume_dir(layout), ignore_errors=True)
+    # This run's units stay for the next run (another experiment that changes only the synthetic
+    # sets retrains only the units that read them); those no run has used for a while go.
+    pruned = prune_unit_cache(_resume_dir(layout), set(files.values()), e.unit_cache_days)
+    if pruned:
+        log.info("evaluate: removed %d cached unit(s) unused for over %d days", len(pruned), e.unit_cache_days)
     return summary
 
 

@@ -14,7 +14,7 @@ from mgdm_core.config import Params
 from mgdm_core.data.loaders import from_model_tensor
 from mgdm_core.device import autocast, resolve_device
 from mgdm_core.diffusion.guidance import cfg_model, classifier_guidance
-from mgdm_core.diffusion.sampling import PerImageNoise, ddim_sample, ddpm_sample, initial_noise
+from mgdm_core.diffusion.sampling import PerImageNoise, ddim_sample, ddpm_sample, dpmpp_2m_sample, initial_noise
 from mgdm_core.diffusion.schedule import respace
 from mgdm_core.errors import ConfigError
 from mgdm_core.io import read_image, write_manifest, write_png
@@ -77,6 +77,8 @@ def sample_batches(
             if g.sampler == "ddim":
                 x0 = ddim_sample(model, x_T, schedule, y=y, guidance=guidance, scale=scale, eta=g.eta,
                                  noise=noise if g.eta > 0 else None, callback=step_done)
+            elif g.sampler == "dpmpp_2m":
+                x0 = dpmpp_2m_sample(model, x_T, schedule, y=y, guidance=guidance, scale=scale, callback=step_done)
             else:
                 x0 = ddpm_sample(model, x_T, schedule, y=y, guidance=guidance, scale=scale, noise=noise,
                                  callback=step_done)
@@ -124,7 +126,8 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     rows = [
         {"file": str(j.path.relative_to(out)), "class": data.class_names[j.label], "label": j.label, "source": "",
          "guidance": g.guidance, "scale": g.scale, "seed": j.seed,
-         "confidence": f"{confidence[k]:.6f}", "entropy": f"{entropy[k]:.6f}"}
+         "confidence": f"{confidence[k]:.6f}", "entropy": f"{entropy[k]:.6f}",
+         "sampler": g.sampler, "respacing": g.respacing}
         for k, j in enumerate(jobs)
     ]
     manifest = out / "manifest.csv"

@@ -23,44 +23,40 @@ keys: `real.*`, `stage1.*`, `stage2.<measure>.*` and `by_step.*` (see `headline`
 
 Synthetic manifests are DVC outputs of earlier stages, so per-image values are not added to
 them: they go to `reports/quality_images.csv` (one row per synthetic image).
+
+This module computes; `mgdm_core.quality.report` writes reports/quality.md,
+reports/quality_images.csv and the plots from what it computed.
 """
 
 from __future__ import annotations
 
-import csv
-import io as _io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mgdm_core.headline import quality_rows, write_rows  # noqa: E402
-from mgdm_core.config import Params  # noqa: E402
-from mgdm_core.device import resolve_device  # noqa: E402
-from mgdm_core.errors import DataError  # noqa: E402
-from mgdm_core.io import atomic_write, ensure_writable_dir, read_image, read_manifest  # noqa: E402
-from mgdm_core.layout import Layout  # noqa: E402
-from mgdm_core.plots import histograms  # noqa: E402
-from mgdm_core.diffusion.schedule import make_schedule, respace  # noqa: E402
-from mgdm_core.errors import CheckpointError  # noqa: E402
-from mgdm_core.quality.by_step import balanced_labels, choose_snapshots, list_snapshots, unguided_sample  # noqa: E402
-from mgdm_core.quality.features import ReferenceClassifier, features_and_probs, train_reference  # noqa: E402
-from mgdm_core.quality.judge import (  # noqa: E402
+from mgdm_core.config import Params
+from mgdm_core.device import resolve_device
+from mgdm_core.diffusion.schedule import make_schedule, respace
+from mgdm_core.errors import CheckpointError, DataError
+from mgdm_core.headline import quality_rows, write_rows
+from mgdm_core.io import read_image, read_manifest
+from mgdm_core.layout import Layout
+from mgdm_core.quality.by_step import balanced_labels, choose_snapshots, judge_sample, list_snapshots, unguided_sample
+from mgdm_core.quality.features import ReferenceClassifier, features_and_probs, train_reference
+from mgdm_core.quality.judge import (
     SATURATED_HIGH, SATURATED_LOW, class_fidelity, classification_accuracy_score, floor_ratio, saturated_fraction,
 )
-from mgdm_core.quality.metrics import (  # noqa: E402
+from mgdm_core.quality.metrics import (
     frechet_distance, kernel_inception_distance, memorisation_threshold, nearest_neighbours, pixel_vectors,
     precision_recall, predictive_scores,
 )
-from mgdm_core.stages.common import Prepared, load_prepared, load_unet, log, seed_for, write_metrics  # noqa: E402
-from mgdm_core.training.checkpoint import load_checkpoint  # noqa: E402
-from mgdm_core.tracking import Tracker  # noqa: E402
+from mgdm_core.quality.report import BY_STEP_COLUMNS, fmt, write_outputs
+from mgdm_core.stages.common import Prepared, load_prepared, load_unet, log, seed_for, write_metrics
+from mgdm_core.training.checkpoint import load_checkpoint
+from mgdm_core.tracking import Tracker
 
 # diffusion.schedule / diffusion.steps: the noise schedule the snapshots were trained with.
 READS = ("seed", "device", "diffusion.schedule", "diffusion.steps", "quality", "disturb.measure")
@@ -194,14 +190,14 @@ def judge_sets(
                                              seed=seed, device=device)
 
     real_cas = cas(data.images["train"], data.labels["train"])
-    log.info("quality: CAS of real training images (%s): AUC %s", network, _fmt(real_cas["auc"]))
+    log.info("quality: CAS of real training images (%s): AUC %s", network, fmt(real_cas["auc"]))
     judged = {}
     for s in sets:
         judged[s.name] = {"fidelity": class_fidelity(s.labels, s.probs),
                           "cas": cas(s.images, s.labels) if s.synthetic else real_cas}
         if s.synthetic:
-            log.info("quality: %s: fidelity AUC %s, CAS AUC %s", s.name, _fmt(judged[s.name]["fidelity"]["auc"]),
-                     _fmt(judged[s.name]["cas"]["auc"]))
+            log.info("quality: %s: fidelity AUC %s, CAS AUC %s", s.name, fmt(judged[s.name]["fidelity"]["auc"]),
+                     fmt(judged[s.name]["cas"]["auc"]))
     return judged
 
 
@@ -256,10 +252,6 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
 
 # ---- quality by training step ----------------------------------------------------------------------
 
-BY_STEP_COLUMNS = ("step", "snapshot", "n", "fd", "fd_ratio", "fidelity_auc", "fidelity_balanced_accuracy",
-                   "saturated_fraction")
-
-
 def quality_by_step(
     layout: Layout, data: Prepared, ref: ReferenceClassifier, test_feats: np.ndarray, fd_floor: float | None, *,
     schedule_kind: str, schedule_steps: int, respacing: str, samples: int, max_snapshots: int, seed: int,
@@ -297,17 +289,11 @@ def quality_by_step(
             out["skipped"].append(path.name)
             continue
         images = unguided_sample(unet, schedule, labels, seeds, shape, device, batch_size)
-        feats, probs = features_and_probs(ref.model, images, device)
-        fidelity = class_fidelity(labels, probs)
-        fd = _finite(frechet_distance(feats, test_feats)) if len(feats) >= 2 else None
-        out["rows"].append({
-            "step": step, "snapshot": path.name, "n": len(labels), "fd": fd, "fd_ratio": floor_ratio(fd, fd_floor),
-            "fidelity_auc": _finite_or_none(fidelity["auc"]),
-            "fidelity_balanced_accuracy": _finite_or_none(fidelity["balanced_accuracy"]),
-            "saturated_fraction": saturated_fraction(images),
-        })
-        log.info("quality by step: step %d FD %s (x%s floor), fidelity AUC %s", step, _fmt(fd),
-                 _fmt(out["rows"][-1]["fd_ratio"]), _fmt(out["rows"][-1]["fidelity_auc"]))
+        # The same judge as train_diffusion's `steps: auto` rule, so both read one curve.
+        judged = judge_sample(images, labels, ref.model, test_feats, fd_floor, device)
+        out["rows"].append({"step": step, "snapshot": path.name, "n": len(labels), **judged})
+        log.info("quality by step: step %d FD %s (x%s floor), fidelity AUC %s", step, fmt(judged["fd"]),
+                 fmt(out["rows"][-1]["fd_ratio"]), fmt(out["rows"][-1]["fidelity_auc"]))
     if not out["rows"]:
         out["note"] = f"all {len(chosen)} chosen snapshots were made with another UNet config than models/diffusion.pt"
     # Stable headline keys (by_step.first.*, by_step.last.*); null when no snapshot was judged.
@@ -446,232 +432,6 @@ def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
     for section in ("real", "stage1", "stage2"):
         walk(section, summary[section])
     return flat
-
-
-# ---- outputs -------------------------------------------------------------------------------------
-
-IMAGE_COLUMNS = ("set", "file", "class", "label", "predicted", "ref_entropy", "ref_margin", "ref_max_prob",
-                 "nn_pixel_distance", "nn_feature_distance", "nn_train_index", "memorised", "feature_near",
-                 "source", "entropy_change", "margin_change", "pixel_change", "roundtrip_error")
-
-
-def image_rows(sets: list[ImageSet], class_names: tuple[str, ...]) -> list[dict[str, Any]]:
-    """One row per synthetic image (file relative to its manifest, as in the manifest)."""
-    rows = []
-    for s in (s for s in sets if s.synthetic):
-        v = s.values
-        for i, file in enumerate(s.files):
-            row = {"set": s.name, "file": file, "class": class_names[s.labels[i]], "label": int(s.labels[i]),
-                   "predicted": int(v["predicted"][i]), "ref_entropy": f"{v['entropy'][i]:.6f}",
-                   "ref_margin": f"{v['margin'][i]:.6f}", "ref_max_prob": f"{v['max_prob'][i]:.6f}",
-                   "nn_pixel_distance": f"{v['nn_pixel_distance'][i]:.6f}",
-                   "nn_feature_distance": f"{v['nn_feature_distance'][i]:.6f}",
-                   "nn_train_index": int(v["nn_train_index"][i]), "memorised": int(v["memorised"][i]),
-                   "feature_near": int(v["feature_near"][i]), "source": s.rows[i].get("source", "")}
-            for key in ("entropy_change", "margin_change", "pixel_change", "roundtrip_error"):
-                row[key] = f"{v[key][i]:.6f}" if key in v else ""
-            rows.append(row)
-    return rows
-
-
-def _write_text(path: Path, text: str) -> None:
-    ensure_writable_dir(path.parent)
-    with atomic_write(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
-
-
-def nearest_pairs_grid(queries: np.ndarray, nearest: np.ndarray, captions: list[str], path: Path, title: str) -> None:
-    """Synthetic images (top row) over their nearest real training images (bottom row); uint8 [N,H,W,C]."""
-    n = max(len(queries), 1)
-    fig, axes = plt.subplots(2, n, figsize=(n * 1.2, 2.9), squeeze=False)
-    for c in range(len(queries)):
-        for r, img in enumerate((queries[c], nearest[c])):
-            axes[r, c].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
-        axes[0, c].set_title(captions[c], fontsize=6)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    axes[0, 0].set_ylabel("synthetic", fontsize=8)
-    axes[1, 0].set_ylabel("nearest train", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
-
-
-def judged_section(summary: dict[str, Any]) -> list[str]:
-    """The independent judges' tables: one row per set, then one per (set, class)."""
-    ref, sat = summary["reference"], summary["saturation"]
-    lines = [
-        "## Judged independently", "",
-        f"Never the guiding classifier. **Fidelity**: the reference classifier on each set against its intended "
-        f"labels (AUC: binary from the probability of label 1, macro one-vs-rest for more classes; balanced "
-        f"accuracy and recall at the MedMNIST threshold); the real rows are the same classifier on real images. "
-        f"**CAS** (classification accuracy score, Ravuri & Vinyals 2019): a `{ref['network']}` trained on the set "
-        f"alone ({ref['epochs']} epochs, epoch chosen on real validation AUC), tested on the real test set; the "
-        f"real rows show it trained on the real training set. **FD / floor**, **KID / floor**: FD and KID to the "
-        f"real test set divided by those of the real validation set (the floor: {_fmt(summary['real']['fd_floor'])} "
-        f"FD; KID / floor is – when the floor's KID is not positive). **Saturated**: fraction of pixel values "
-        f"<= {sat['low']} or >= {sat['high']} (uint8; <= {sat['low']}/255 or >= {sat['high']}/255 on [0, 1]).", "",
-        "| set | fidelity AUC | fidelity bal. acc. | CAS AUC | CAS bal. acc. | FD | FD / floor | KID / floor | saturated |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    keys = ("fidelity_auc", "fidelity_balanced_accuracy", "cas_auc", "cas_balanced_accuracy", "fd", "fd_ratio",
-            "kid_ratio", "saturated_fraction")
-    for name, entry in summary["sets"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(entry["overall"].get(k)) for k in keys) + " |")
-    lines += ["", "Per class: fidelity recall is the share of the class's images the reference classifier assigns "
-              "to it (mismatch = 1 - recall); CAS recall is the CAS network's recall on that class of the real test set.",
-              "", "| set | class | n | fidelity recall | mismatch | CAS recall | FD / floor | saturated |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, entry in summary["sets"].items():
-        for cls in summary["class_names"]:
-            row = entry[cls]
-            lines.append(f"| {name} | {cls} | " + " | ".join(_fmt(row.get(k)) for k in (
-                "n", "fidelity_recall", "fidelity_mismatch", "cas_recall", "fd_ratio", "saturated_fraction")) + " |")
-    return lines + [""]
-
-
-def by_step_section(by_step: dict[str, Any], picture: Any) -> list[str]:
-    """The quality-by-training-step table and curve, or the one line saying why there is none."""
-    lines = ["## Quality by training step", ""]
-    if not by_step["rows"]:
-        return lines + [f"Skipped: {by_step['note']}.", ""]
-    lines += [
-        f"{by_step['samples']} unguided, class-conditional DDPM images (respacing \"{by_step['respacing']}\", classes "
-        f"balanced, the same seeds at every step) from {len(by_step['rows'])} of {by_step['found']} EMA snapshots. "
-        "FD grows as the sample shrinks, so compare steps with each other, not with the stage-1 row above.", "",
-        "| step | FD | FD / floor | fidelity AUC | fidelity bal. acc. | saturated |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    lines += [f"| {r['step']} | " + " | ".join(_fmt(r[k]) for k in BY_STEP_COLUMNS[3:]) + " |" for r in by_step["rows"]]
-    if by_step["skipped"]:
-        lines += ["", f"Skipped (another UNet config than models/diffusion.pt): {', '.join(by_step['skipped'])}."]
-    if picture is not None:
-        lines += ["", f"![quality by training step]({picture})"]
-    return lines + [""]
-
-
-def by_step_plot(rows: list[dict[str, Any]], real_auc: float | None, path: Path, note: str | None) -> None:
-    """Two panels over the training step: FD / floor (1 = as close as two real splits) and fidelity AUC."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    steps = [r["step"] for r in rows]
-    for ax, key, label, reference, ref_label in (
-        (axes[0], "fd_ratio", "FD / real-validation floor", 1.0, "floor (real val vs real test)"),
-        (axes[1], "fidelity_auc", "reference-classifier AUC (intended labels)", real_auc, "real test"),
-    ):
-        values = [np.nan if r[key] is None else r[key] for r in rows]
-        if rows:
-            ax.plot(steps, values, marker="o")
-        if key == "fd_ratio" and any(v > 0 for v in values if np.isfinite(v)):
-            ax.set_yscale("log")  # ratios span decades on the way down to the floor (1)
-        if reference is not None:
-            ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label=ref_label)
-            ax.legend(fontsize=8)
-        ax.set_xlabel("training step")
-        ax.set_ylabel(label)
-    if note:
-        fig.text(0.5, 0.5, f"no curve: {note}", ha="center", va="center", fontsize=9)
-    fig.suptitle("quality by training step (unguided EMA samples)", fontsize=10)
-    fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def by_step_csv(rows: list[dict[str, Any]]) -> str:
-    buffer = _io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(BY_STEP_COLUMNS), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: ("" if r[k] is None else r[k]) for k in BY_STEP_COLUMNS} for r in rows)
-    return buffer.getvalue()
-
-
-def markdown_report(summary: dict[str, Any], pictures: dict[str, str]) -> str:
-    """reports/quality.md: tables per topic, pictures referenced relative to reports/."""
-    pictures = dict(pictures)  # the by-step curve goes to its own section, the rest to "Pictures"
-    ref, thr = summary["reference"], summary["memorisation_thresholds"]
-    lines = [
-        "# Synthetic image quality", "",
-        f"Reference classifier: `{ref['network']}`, {ref['epochs']} epochs, seed {ref['seed']}, best epoch "
-        f"{ref['best_epoch']}, validation AUC {_fmt(ref['val_auc'])}, **test AUC {_fmt(ref['test_auc'])}** "
-        f"(trained on real training images only; its {ref['feature_dim']}-d penultimate activations are the feature space).",
-        "`real_val` and `real_test` are real held-out images: their rows are the noise floor.", "",
-        *judged_section(summary),
-        *by_step_section(summary["by_step"], pictures.pop("quality by training step", None)),
-    ]
-    scopes = ["overall", *summary["class_names"]]
-    tables = [
-        ("Fidelity and diversity", "FD and KID to the real test set, precision/recall (k = "
-         f"{summary['pr_k']}) against the real training set.",
-         [("n", "n"), ("FD", "fd"), ("KID", "kid"), ("KID s.e.", "kid_se"), ("precision", "precision"), ("recall", "recall")]),
-        ("Boundary", "Reference classifier on each image; mismatch = predicted class differs from the intended one.",
-         [("entropy", "entropy_mean"), ("margin", "margin_mean"), ("max prob", "max_prob_mean"), ("mismatch", "mismatch_rate")]),
-        ("Memorisation", f"Distance to the nearest real training image; flagged below the {thr['percentile']}th percentile "
-         f"of real test images (pixels: {thr['pixel']:.4g} RMS on [0, 1]; features: {thr['feature']:.4g}).",
-         [("NN pixel (median)", "nn_pixel_median"), ("NN feature (median)", "nn_feature_median"),
-          ("memorised (pixels)", "memorised_rate"), ("near (features)", "feature_near_rate")]),
-    ]
-    for title, note, columns in tables:
-        lines += [f"## {title}", "", note, "", "| set | scope | " + " | ".join(c for c, _ in columns) + " |",
-                  "| --- | --- | " + " | ".join("---:" for _ in columns) + " |"]
-        for name, entry in summary["sets"].items():
-            lines += [f"| {name} | {scope} | " + " | ".join(_fmt(entry[scope].get(k)) for _, k in columns) + " |" for scope in scopes]
-        lines.append("")
-    changes = [("entropy change", "entropy_change_mean"), ("margin change", "margin_change_mean"),
-               ("prediction flipped", "prediction_flipped_mean"), ("pixel change (RMS)", "pixel_change_mean"),
-               ("DDIM round trip", "roundtrip_error_mean")]
-    stage2 = [n for n in summary["sets"] if n.startswith("stage2_")]
-    if stage2:
-        lines += ["## Stage 2 against its stage-1 sources", "", "| set | " + " | ".join(c for c, _ in changes) + " |",
-                  "| --- | " + " | ".join("---:" for _ in changes) + " |"]
-        lines += [f"| {n} | " + " | ".join(_fmt(summary["sets"][n]["overall"].get(k)) for _, k in changes) + " |" for n in stage2]
-        lines.append("")
-    lines += ["## Pictures", ""] + [f"![{caption}]({rel})" for caption, rel in pictures.items()] + [""]
-    lines += ["Per-image values: [quality_images.csv](quality_images.csv).", ""]
-    return "\n".join(lines)
-
-
-def write_outputs(layout: Layout, summary: dict[str, Any], sets: list[ImageSet], train_images: np.ndarray, max_pairs: int) -> list[Path]:
-    """Plots, reports/quality.md and reports/quality_images.csv; returns the files written."""
-    ensure_writable_dir(layout.plots_dir)
-    pictures: dict[str, Path] = {}
-    for key, label in [("entropy", "predictive entropy (nats)"), ("margin", "top-1 minus top-2 probability"),
-                       ("max_prob", "max probability"), ("nn_pixel_distance", "RMS pixel distance to nearest training image"),
-                       ("nn_feature_distance", "feature distance to nearest training image")]:
-        path = layout.plot_file(f"quality_{key}.png")
-        histograms({s.name: s.values[key] for s in sets}, path, f"reference classifier: {key}", label)
-        pictures[key] = path
-    synthetic = [s for s in sets if s.synthetic]
-    # Flagged images first, nearest first; if none are flagged the closest ones still show the scale.
-    candidates = sorted(((s.values["nn_pixel_distance"][i], not s.values["memorised"][i], s, i)
-                         for s in synthetic for i in range(len(s.labels))), key=lambda c: (c[1], c[0]))[:max_pairs]
-    flagged = sum(1 for c in candidates if not c[1])
-    pairs = layout.plot_file("quality_nearest.png")
-    nearest_pairs_grid(
-        np.stack([c[2].images[c[3]] for c in candidates]), np.stack([train_images[c[2].values["nn_train_index"][c[3]]] for c in candidates]),
-        [f"{c[2].name}\n{'FLAG ' if not c[1] else ''}{c[0]:.3f}" for c in candidates], pairs,
-        f"{flagged} flagged (memorised) shown; nearest synthetic images vs their nearest training image")
-    pictures["nearest training images"] = pairs
-    by_step = summary["by_step"]
-    curve_png, curve_csv = layout.plot_file("quality_by_step.png"), layout.plot_file("quality_by_step.csv")
-    by_step_plot(by_step["rows"], summary["real"]["fidelity_auc"], curve_png, by_step["note"])
-    _write_text(curve_csv, by_step_csv(by_step["rows"]))
-    pictures["quality by training step"] = curve_png
-
-    report = layout.reports_dir / "quality.md"
-    _write_text(report, markdown_report(summary, {k: Path("..") / layout.relative(p) for k, p in pictures.items()}))
-    buffer = _io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(IMAGE_COLUMNS))
-    writer.writeheader()
-    writer.writerows(image_rows(sets, tuple(summary["class_names"])))
-    table = layout.reports_dir / "quality_images.csv"
-    _write_text(table, buffer.getvalue())
-    return [report, table, curve_csv, *pictures.values()]
 
 
 def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, Any]:

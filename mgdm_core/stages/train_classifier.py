@@ -16,7 +16,7 @@ from mgdm_core.diffusion.schedule import Schedule
 from mgdm_core.layout import Layout
 from mgdm_core.networks.classifier import NoisyClassifier
 from mgdm_core.stages.common import classifier_config, diffusion_schedule, load_prepared, log, write_metrics
-from mgdm_core.stages.training import TrainingRun, batch_sampler, final_loss, random_flip
+from mgdm_core.stages.training import TrainingRun, batch_sampler, final_loss, random_crop, random_flip
 from mgdm_core.tracking import Tracker
 from mgdm_core.io import remove_stale_temps
 from mgdm_core.training.checkpoint import save_checkpoint
@@ -66,6 +66,8 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
         # then keeps its slice, so the averaged gradient is the one-process gradient.
         idx = sample_batch(gen).to(device)
         x0 = x_all[idx]
+        if hp.random_crop_min_frac is not None:
+            x0 = random_crop(x0, gen, hp.random_crop_min_frac)
         if hp.random_flip:
             x0 = random_flip(x0, gen)
         if hp.noised:
@@ -88,7 +90,7 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
         layout=layout,
     )
     result = training.train(model, loss_fn, steps=hp.steps, lr=hp.lr, weight_decay=hp.weight_decay,
-                            ema_decay=hp.ema_decay, device=device, seed=params.seed + 1,
+                            ema_decay=hp.ema_decay, grad_clip=hp.grad_clip, device=device, seed=params.seed + 1,
                             checkpoint_every=hp.checkpoint_every, log_every=hp.log_every)
     ema = result.ema_model.eval()
     if not distributed.is_main():  # rank 0 saves, evaluates and logs

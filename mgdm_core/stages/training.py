@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import shutil
 import io as _io
 import json
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from mgdm_core import distributed, progress
 from mgdm_core.io import atomic_write, ensure_writable_dir, remove_stale_temps, write_json_atomic
@@ -38,6 +40,21 @@ def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Horizontal flip of half the batch (the original's --random_flip)."""
     flip = (torch.rand(len(x), generator=gen) < 0.5).to(x.device).view(-1, 1, 1, 1)
     return torch.where(flip, x.flip(-1), x)
+
+
+def random_crop(x: torch.Tensor, gen: torch.Generator, min_frac: float) -> torch.Tensor:
+    """Each image [B, C, S, S] enlarged to its own random side in [S, ceil(S / min_frac)] (bicubic,
+    clamped to [-1, 1] as the original's uint8 is) and cropped back to S x S at a random place:
+    the original classifier's random_crop_arr, so a crop keeps between min_frac and all of each side."""
+    size = x.shape[-1]
+    sides = torch.randint(size, math.ceil(size / min_frac) + 1, (len(x),), generator=gen).tolist()
+    corners = torch.rand(len(x), 2, generator=gen).tolist()
+    crops = []
+    for image, side, (u, v) in zip(x, sides, corners):
+        top, left = int(u * (side - size + 1)), int(v * (side - size + 1))
+        enlarged = F.interpolate(image[None], size=(side, side), mode="bicubic", align_corners=False)
+        crops.append(enlarged[0, :, top : top + size, left : left + size].clamp(-1.0, 1.0))
+    return torch.stack(crops)
 
 
 @dataclass
