@@ -278,6 +278,10 @@ class LauncherParams(Section):
 
 class Params(Section):
     seed: int = 0
+    # seed of the generator stages (train_diffusion, train_classifier, generate, disturb); null: `seed`.
+    # G experiments that differ only in it are G independently trained generators on the same data
+    # split, and their generator-independent evaluate units (real, real+<augment>) are trained once
+    generator_seed: int | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     data: DataParams = DataParams()
     diffusion: DiffusionParams = DiffusionParams()
@@ -289,6 +293,11 @@ class Params(Section):
     quality: QualityParams = QualityParams()
     evaluate: EvaluateParams = EvaluateParams()
     launcher: LauncherParams = LauncherParams()
+
+    @property
+    def generator_seed_value(self) -> int:
+        """The seed the generator stages use: `generator_seed`, or `seed` when it is null."""
+        return self.seed if self.generator_seed is None else self.generator_seed
 
     def with_overrides(self, overrides: dict[str, Any]) -> "Params":
         """A copy with dotted-key overrides applied (`{"disturb.scale": 2.0}`), validated again."""

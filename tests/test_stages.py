@@ -325,7 +325,7 @@ def test_the_unit_keys_leave_out_the_grid_and_what_does_not_shape_a_unit(smoke):
     units = evaluate.plan(params, layout)
     keys = evaluate.unit_keys(units, params, layout)
     for change in ({"evaluate.seeds": [0, 5]}, {"evaluate.log_models": "none"}, {"evaluate.unit_cache_days": 1},
-                   {"generate.scale": 7.0}, {"disturb.scale": 9.0}):
+                   {"generate.scale": 7.0}, {"disturb.scale": 9.0}, {"generator_seed": 3}):
         assert evaluate.unit_keys(units, params.with_overrides(change), layout) == keys, change
     ratio = evaluate.unit_keys(units, params.with_overrides({"evaluate.synthetic_ratio": 2.0}), layout)
     assert {u.condition for u in units if ratio[u] == keys[u]} == {"real"}
@@ -344,3 +344,16 @@ def test_the_unit_cache_drops_only_units_unused_for_longer_than_its_limit(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unused_recent.pt", "used_old.pt"]
     assert prune_unit_cache(tmp_path, {tmp_path / "used_old.pt"}, 0, now=now) == [tmp_path / "unused_recent.pt"]
     assert prune_unit_cache(tmp_path / "absent", set(), 0) == []
+
+
+def test_generator_seed_reseeds_the_generator_stages_only():
+    """G experiments differing only in generator_seed: G generators on one data split, with one
+    set of evaluate seeds (so the real units are shared); null keeps everything on `seed`."""
+    from mgdm_core.config import Params
+    from mgdm_core.stages import stage_module
+
+    assert Params(seed=4).generator_seed_value == 4
+    assert Params(seed=4, generator_seed=9).generator_seed_value == 9
+    generator = {"train_diffusion", "train_classifier", "generate", "disturb"}
+    for stage in ("prepare", *generator, "quality", "evaluate"):
+        assert ("generator_seed" in stage_module(stage).READS) == (stage in generator), stage

@@ -30,7 +30,7 @@ from mgdm_core.stages.common import (
 )
 from mgdm_core.tracking import Tracker
 
-READS = ("seed", "device", "diffusion.schedule", "diffusion.steps", "disturb")
+READS = ("seed", "generator_seed", "device", "diffusion.schedule", "diffusion.steps", "disturb")
 
 
 def target_labels(labels: np.ndarray, class_map: dict[int, int], num_classes: int) -> np.ndarray:
@@ -118,7 +118,7 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
         remove_other_measures(layout, d.measures)
     for measure in d.measures:
         out = layout.stage2_measure_dir(measure)
-        fingerprint = {"disturb": d.model_dump(mode="json"), "measure": measure, "seed": params.seed,
+        fingerprint = {"disturb": d.model_dump(mode="json"), "measure": measure, "seed": params.generator_seed_value,
                        "stage1": file_digest(stage1_manifest), "diffusion": file_digest(layout.diffusion_model),
                        "classifier": file_digest(layout.classifier_model)}
         if main:

@@ -26,7 +26,7 @@ from mgdm_core.stages.common import (
 )
 from mgdm_core.tracking import Tracker
 
-READS = ("seed", "device", "diffusion.schedule", "diffusion.steps", "generate")
+READS = ("seed", "generator_seed", "device", "diffusion.schedule", "diffusion.steps", "generate")
 
 
 @dataclass(frozen=True)
@@ -96,14 +96,14 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     # raised before the fingerprint reads them and before any output is touched.
     unet = load_unet(layout.diffusion_model, device, data)
     classifier = load_classifier(layout.classifier_model, device, data)
-    fingerprint = {"generate": g.model_dump(mode="json"), "seed": params.seed,
+    fingerprint = {"generate": g.model_dump(mode="json"), "seed": params.generator_seed_value,
                    "diffusion": file_digest(layout.diffusion_model), "classifier": file_digest(layout.classifier_model)}
     # Under torchrun rank 0 claims (or clears) the directory before any rank looks into it.
     resumed = claim_output_dir(out, fingerprint) if distributed.is_main() else True
     distributed.barrier()
 
     jobs = [
-        Job(out / name / f"{name}_{i:05d}.png", label, seed_for(params.seed, label, i))
+        Job(out / name / f"{name}_{i:05d}.png", label, seed_for(params.generator_seed_value, label, i))
         for label, (name, n) in enumerate(zip(data.class_names, counts))
         for i in range(n)
     ]

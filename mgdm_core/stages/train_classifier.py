@@ -21,7 +21,7 @@ from mgdm_core.tracking import Tracker
 from mgdm_core.io import remove_stale_temps
 from mgdm_core.training.checkpoint import save_checkpoint
 
-READS = ("seed", "device", "diffusion.schedule", "diffusion.steps", "classifier", "train_classifier")
+READS = ("seed", "generator_seed", "device", "diffusion.schedule", "diffusion.steps", "classifier", "train_classifier")
 
 
 @torch.no_grad()
@@ -52,7 +52,7 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     data = load_prepared(layout)
     config = classifier_config(params, data.image_size, data.channels, data.num_classes)
     schedule = diffusion_schedule(params)
-    torch.manual_seed(params.seed + 1)
+    torch.manual_seed(params.generator_seed_value + 1)
     model = NoisyClassifier(config).to(device)
 
     x_all = to_model_tensor(data.images["train"]).to(device)
@@ -85,12 +85,12 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
         config={"model": config.model_dump(mode="json"),
                 "train": hp.model_dump(mode="json", exclude={"steps", "checkpoint_every", "log_every", "eval_buckets"}),
                 "diffusion": {"schedule": params.diffusion.schedule, "steps": params.diffusion.steps},
-                "data": data.digest, "seed": params.seed},
+                "data": data.digest, "seed": params.generator_seed_value},
         tracker=tracker,
         layout=layout,
     )
     result = training.train(model, loss_fn, steps=hp.steps, lr=hp.lr, weight_decay=hp.weight_decay,
-                            ema_decay=hp.ema_decay, grad_clip=hp.grad_clip, device=device, seed=params.seed + 1,
+                            ema_decay=hp.ema_decay, grad_clip=hp.grad_clip, device=device, seed=params.generator_seed_value + 1,
                             checkpoint_every=hp.checkpoint_every, log_every=hp.log_every)
     ema = result.ema_model.eval()
     if not distributed.is_main():  # rank 0 saves, evaluates and logs
@@ -101,7 +101,7 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
                     state={"model": ema.state_dict()})
 
     val_x = to_model_tensor(data.images["val"]).to(device)
-    accuracy = accuracy_by_noise_level(ema, schedule, val_x, data.labels["val"], hp.eval_buckets, params.seed)
+    accuracy = accuracy_by_noise_level(ema, schedule, val_x, data.labels["val"], hp.eval_buckets, params.generator_seed_value)
     chance = 1.0 / data.num_classes
     # Guidance acts at every t; a classifier near chance at moderate noise guides nowhere useful
     # (guided-diffusion#80). The noisiest bucket is expected to be near chance.

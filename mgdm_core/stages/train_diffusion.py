@@ -35,7 +35,7 @@ from mgdm_core.training.auto_steps import StopRule, decide
 from mgdm_core.training.checkpoint import load_checkpoint, save_checkpoint
 from mgdm_core.training.loop import TrainResult
 
-READS = ("seed", "device", "diffusion", "train_diffusion")
+READS = ("seed", "generator_seed", "device", "diffusion", "train_diffusion")
 
 
 def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
@@ -48,7 +48,7 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     config = unet_config(params, data.image_size, data.channels, data.num_classes)
     schedule = diffusion_schedule(params)
     preview = respace(schedule, hp.preview_respacing)  # a bad value fails here, not after training
-    torch.manual_seed(params.seed)  # the initial weights
+    torch.manual_seed(params.generator_seed_value)  # the initial weights
     model = UNet(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("UNet: %.2f M parameters, %s", n_params / 1e6, config.model_dump())
@@ -83,7 +83,7 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
         checkpoint_dir=layout.diffusion_dir,
         config={"model": config.model_dump(mode="json"), "train": hp.model_dump(mode="json", exclude=NOT_IN_CHECKPOINT),
                 "diffusion": {"schedule": params.diffusion.schedule, "steps": params.diffusion.steps},
-                "data": data.digest, "seed": params.seed},
+                "data": data.digest, "seed": params.generator_seed_value},
         tracker=tracker,
         layout=layout,
         snapshot_dir=layout.diffusion_snapshots_dir,
@@ -92,7 +92,7 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
 
     def train_to(steps: int) -> TrainResult:
         return training.train(model, loss_fn, steps=steps, lr=hp.lr, weight_decay=hp.weight_decay,
-                              ema_decay=hp.ema_decay, grad_clip=hp.grad_clip, device=device, seed=params.seed,
+                              ema_decay=hp.ema_decay, grad_clip=hp.grad_clip, device=device, seed=params.generator_seed_value,
                               checkpoint_every=hp.checkpoint_every, log_every=hp.log_every)
 
     auto = None
@@ -116,7 +116,7 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     # misjudge the training itself.
     per_class = max(2, 16 // data.num_classes)  # 16 images in all (8 per class with two classes)
     y = torch.arange(data.num_classes).repeat_interleave(per_class).to(device)
-    seeds = [params.seed * 1_000_003 + 7919 * i for i in range(len(y))]
+    seeds = [params.generator_seed_value * 1_000_003 + 7919 * i for i in range(len(y))]
     x_T = initial_noise(seeds, (data.channels, data.image_size, data.image_size), device, torch.float32)
     with torch.no_grad():
         samples = ddpm_sample(ema, x_T, preview, y=y, noise=PerImageNoise(seeds, device))
