@@ -14,12 +14,12 @@ import torch
 from tqdm import tqdm
 
 from mgdm_core import distributed, progress
-from mgdm_core.config import Params
+from mgdm_core.config import DisturbParams, Params
 from mgdm_core.data.loaders import from_model_tensor, to_model_tensor
 from mgdm_core.device import autocast, resolve_device
 from mgdm_core.diffusion.guidance import classifier_guidance, uncertainty_guidance
 from mgdm_core.diffusion.sampling import ddim_invert, ddim_sample
-from mgdm_core.diffusion.schedule import respace
+from mgdm_core.diffusion.schedule import Schedule, respace
 from mgdm_core.errors import ConfigError, DataError
 from mgdm_core.io import read_image, read_manifest, write_manifest, write_png
 from mgdm_core.layout import Layout
@@ -66,6 +66,33 @@ def _batched(fn, x: torch.Tensor, y: torch.Tensor, batch_size: int, desc: str) -
     return torch.cat(out) if out else x
 
 
+def invert_with_round_trip(unet, x0: torch.Tensor, y: torch.Tensor, schedule: Schedule,
+                           d: DisturbParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents x_T of images x0 [B,C,H,W] on [-1, 1] (DDIM inversion, `d.inversion_refine`) and their
+    unguided decode clamped to [-1, 1], both float32 [B,C,H,W]: the stage's inversion and its check."""
+    with autocast(x0.device):
+        latents = _batched(lambda x, y: ddim_invert(unet, x, schedule, y=y, refine=d.inversion_refine), x0, y, d.batch_size, "invert")
+        # The round trip decodes with exactly the step the inversion inverts (unclipped unless
+        # disturb.clip_denoised), so its error measures the inversion, not a clipping mismatch.
+        recon = _batched(lambda x, y: ddim_sample(unet, x, schedule, y=y, clip_denoised=d.clip_denoised).clamp(-1, 1),
+                         latents, y, d.batch_size, "round trip")
+    return latents.float(), recon.float()
+
+
+def decode_guided(unet, classifier, latents: torch.Tensor, y: torch.Tensor, schedule: Schedule, measure: str,
+                  d: DisturbParams) -> torch.Tensor:
+    """Stage-2 images float32 [B,C,H,W] on [-1, 1]: `latents` decoded by DDIM under `measure`'s
+    guidance at `d.scale` (`classifier`: classifier guidance toward the labels y)."""
+    guidance = classifier_guidance(classifier) if measure == "classifier" else uncertainty_guidance(classifier, measure)
+    with autocast(latents.device):
+        decoded = _batched(
+            lambda x, y: ddim_sample(unet, x, schedule, y=y, guidance=guidance, scale=d.scale,
+                                     clip_denoised=d.clip_denoised).clamp(-1, 1),
+            latents, y, d.batch_size, f"decode ({measure})",
+        )
+    return decoded.float()
+
+
 def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     d = params.disturb
     device = distributed.local_device(resolve_device(params.device))
@@ -90,13 +117,7 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     y_src = torch.as_tensor(source_labels[mine], device=device)
     y_tgt = torch.as_tensor(targets[mine], device=device)
 
-    with autocast(device):
-        latents = _batched(lambda x, y: ddim_invert(unet, x, schedule, y=y, refine=d.inversion_refine), x0, y_src, d.batch_size, "invert")
-        # The round trip decodes with exactly the step the inversion inverts (unclipped unless
-        # disturb.clip_denoised), so its error measures the inversion, not a clipping mismatch.
-        recon = _batched(lambda x, y: ddim_sample(unet, x, schedule, y=y, clip_denoised=d.clip_denoised).clamp(-1, 1),
-                         latents, y_src, d.batch_size, "round trip")
-    latents, recon = latents.float(), recon.float()
+    latents, recon = invert_with_round_trip(unet, x0, y_src, schedule, d)
     roundtrip = (recon - x0).abs().flatten(1).mean(1).cpu().numpy()  # mean |error| on the [-1, 1] scale
     latent_mean = latents.flatten(1).mean(1).cpu().numpy()
     latent_std = latents.flatten(1).std(1).cpu().numpy()
@@ -128,15 +149,9 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
         # Positions in `mine` whose image is missing; only this rank writes them.
         todo = np.array([not paths[k].exists() for k in mine], dtype=bool)
         if todo.any():
-            guidance = classifier_guidance(classifier) if measure == "classifier" else uncertainty_guidance(classifier, measure)
             idx = torch.as_tensor(np.flatnonzero(todo), device=device)
-            with autocast(device):
-                decoded = _batched(
-                    lambda x, y: ddim_sample(unet, x, schedule, y=y, guidance=guidance, scale=d.scale,
-                                             clip_denoised=d.clip_denoised).clamp(-1, 1),
-                    latents[idx], y_tgt[idx], d.batch_size, f"decode ({measure})",
-                )
-            for k, image in zip(idx.tolist(), from_model_tensor(decoded.float().cpu())):
+            decoded = decode_guided(unet, classifier, latents[idx], y_tgt[idx], schedule, measure, d)
+            for k, image in zip(idx.tolist(), from_model_tensor(decoded.cpu())):
                 write_png(paths[mine[k]], image)
         distributed.barrier()
         if not main:  # rank 0 writes the manifest, plots and metrics
