@@ -44,9 +44,8 @@ from mgdm_core.diffusion.schedule import Schedule, respace  # noqa: E402
 from mgdm_core.errors import ConfigError  # noqa: E402
 from mgdm_core.layout import Layout  # noqa: E402
 from mgdm_core.plots import class_grid  # noqa: E402
-from mgdm_core.quality.features import features_and_probs  # noqa: E402
-from mgdm_core.quality.judge import class_fidelity, saturated_fraction  # noqa: E402
-from mgdm_core.quality.metrics import frechet_distance  # noqa: E402
+from mgdm_core.quality.by_step import judge_sample  # noqa: E402
+from mgdm_core.quality.judge import class_fidelity  # noqa: E402
 from mgdm_core.stages.common import diffusion_schedule, load_classifier, load_prepared, load_unet, seed_for  # noqa: E402
 from mgdm_core.stages.generate import Job, sample_batches  # noqa: E402
 
@@ -124,15 +123,11 @@ def sample_point(unet, classifier, jobs: list[Job], params: Params, device, num_
 
 
 def judge_images(images: np.ndarray, labels: np.ndarray, judge, real_test_features: np.ndarray,
-                 floor: float, device) -> dict[str, float]:
-    """The quality stage's independent figures for one synthetic set."""
-    features, probs = features_and_probs(judge, images, device)
-    fidelity = class_fidelity(labels, probs)
-    fd = frechet_distance(features, real_test_features)
-    return {"fd": fd, "fd_floor": floor, "fd_ratio": fd / floor,
-            "fidelity_auc": fidelity["auc"] if fidelity["auc"] is not None else float("nan"),
-            "fidelity_balanced_accuracy": fidelity["balanced_accuracy"],
-            "saturated_fraction": saturated_fraction(images)}
+                 floor: float, device) -> dict[str, float | None]:
+    """The quality stage's independent figures for one synthetic set (`quality.by_step.judge_sample`,
+    the judge the quality stage and `steps: auto` use), with the floor beside them."""
+    judged = judge_sample(images, labels, judge, real_test_features, floor, device)
+    return {"fd": judged["fd"], "fd_floor": floor, **{k: v for k, v in judged.items() if k != "fd"}}
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -142,11 +137,11 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def append_row(path: Path, row: dict) -> None:
-    """One finished grid point; the header is written with the first row."""
+def append_row(path: Path, row: dict, columns: tuple[str, ...] = COLUMNS) -> None:
+    """One finished grid point; the header (`columns`) is written with the first row."""
     new = not path.is_file()
     with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         if new:
             writer.writeheader()
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

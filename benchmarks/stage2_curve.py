@@ -30,7 +30,6 @@ saved. The judge is retrained on every run (seeded, repeatable on CPU).
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 import sys
 import time
@@ -42,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generator_study import real_judge  # noqa: E402
-from solver_curve import CallCounter, read_rows  # noqa: E402
+from solver_curve import CallCounter, append_row, read_rows  # noqa: E402
 
 from mgdm_core import runtime  # noqa: E402
 from mgdm_core.config import Params, load_params  # noqa: E402
@@ -200,16 +199,6 @@ def judge_stage2(images, targets, before: Before, classifier, judge, real_test_f
             "fd": fd, "fd_floor": floor, "fd_ratio": fd / floor}
 
 
-def append_row(path: Path, row: dict) -> None:
-    """One finished grid point; the header is written with the first row."""
-    new = not path.is_file()
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
 def row_key(row: dict) -> tuple[str, ...]:
     """A row's grid point and experiment, as the CSV spells them."""
     return tuple(str(row[c]) for c in ("respacing", "inversion_refine", *RUN_COLUMNS))
@@ -285,7 +274,7 @@ def main() -> None:
                "roundtrip_error_mean": float(roundtrip.mean()), "roundtrip_error_max": float(roundtrip.max()),
                **judge_stage2(stage2, targets, before, classifier, reference.model, feats["test"][0], floor, device),
                **run, "device": str(device)}
-        append_row(csv_path, row)
+        append_row(csv_path, row, COLUMNS)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
 
     rows = [r for r in read_rows(csv_path) if all(r[c] == v for c, v in run.items())]
