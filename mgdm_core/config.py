@@ -71,8 +71,9 @@ class DiffusionParams(Section):
     # 128 px 1,1,2,3,4).
     channel_mult: Auto[tuple[int, ...]] = None
     num_res_blocks: int = Field(2, ge=1)
-    # feature-map sizes in pixels where attention runs; `auto`: the two coarsest levels
-    attention_resolutions: Auto[tuple[int, ...]] = None
+    # feature-map sizes in pixels where attention runs; `auto`: the two coarsest levels; `coarsest`:
+    # the coarsest level only (both follow data.image_size, explicit sizes do not)
+    attention_resolutions: Auto[tuple[int, ...] | Literal["coarsest"]] = None
     num_heads: int = Field(4, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     scale_shift_norm: bool = True
@@ -129,7 +130,8 @@ class ClassifierParams(Section):
     width: Auto[int] = Field(None, ge=8)
     depth: int = Field(2, ge=1)
     channel_mult: Auto[tuple[int, ...]] = None
-    attention_resolutions: Auto[tuple[int, ...]] = None  # attention sizes in pixels; `auto`: the two coarsest levels
+    # attention sizes in pixels; `auto`: the two coarsest levels; `coarsest`: the coarsest level only
+    attention_resolutions: Auto[tuple[int, ...] | Literal["coarsest"]] = None
     head_channels: int = Field(64, ge=8)
     pool: Literal["attention", "mean"] = "attention"
     dropout: float = Field(0.0, ge=0, lt=1)  # dropout in the classifier's residual blocks (the original release: 0.4)

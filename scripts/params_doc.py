@@ -64,7 +64,7 @@ MEANINGS = {
     "train_diffusion.log_every": "steps between logged loss values",
     "classifier.depth": "residual blocks per level of the classifier's encoder",
     "classifier.channel_mult": "width multiplier per resolution level (null: preset for the image size)",
-    "classifier.attention_resolutions": "feature-map sizes in pixels with attention (null: preset for the image size)",
+    "classifier.attention_resolutions": "feature-map sizes in pixels with attention (null: preset for the image size; coarsest: the coarsest level)",
     "classifier.head_channels": "channels per attention head",
     "classifier.pool": "how the encoder's feature map becomes logits: attention pooling or mean",
     "train_classifier.steps": "optimiser steps (raising it continues a finished run from its checkpoint)",

@@ -6,10 +6,14 @@ import pytest
 import torch
 
 from mgdm_core.config import load_params
+from mgdm_core.errors import ConfigError
+from mgdm_core.layout import Layout
 from mgdm_core.networks.classifier import NoisyClassifier
 from mgdm_core.networks.presets import classifier_preset, unet_preset
 from mgdm_core.networks.unet import UNet
+from mgdm_core.stages import prepare
 from mgdm_core.stages.common import classifier_config, unet_config
+from mgdm_core.tracking import NullTracker
 
 AUTO = {f"{section}.{key}": "auto" for section in ("diffusion", "classifier")
         for key in ("width", "channel_mult", "attention_resolutions")}
@@ -65,3 +69,33 @@ def test_preset_level_structure_runs_forward_at_every_size(auto_params, size):
     with torch.no_grad():
         assert unet(x, t, torch.tensor([0, 9])).shape == (2, 6, size, size)
         assert classifier(x, t).shape == (2, 10)
+
+
+def test_the_committed_parameters_give_the_demo_shapes_at_28_px_and_follow_other_sizes(repo_root):
+    """params.yaml keeps the demo's 28 px networks and builds at any other size without an edit."""
+    params = load_params(repo_root / "params.yaml")
+    for config in (unet_config(params, 28, 1, 2), classifier_config(params, 28, 1, 2)):
+        assert (config.width, config.channel_mult, config.attention_resolutions) == (32, (1, 2, 2), (7,))
+    for config in (unet_config(params, 64, 3, 5), classifier_config(params, 64, 3, 5)):
+        assert (config.channel_mult, config.attention_resolutions) == ((1, 2, 3, 4), (8,))
+
+
+def test_the_committed_parameters_prepare_64_px_data(repo_root, tmp_path):
+    """A user who only sets data.image_size: 64 is not refused (the pinned 28 px shapes were)."""
+    params = load_params(repo_root / "params.yaml").with_overrides(
+        {"data.image_size": 64, "data.phantom_counts": [24, 16], "generate.mode": "balance"})
+    prepare.run(params, Layout(tmp_path), NullTracker())
+    assert Layout(tmp_path).split_file("train").exists()
+
+
+def test_coarsest_attention_is_the_last_level_of_any_layout(auto_params):
+    params = auto_params.with_overrides({"diffusion.channel_mult": [1, 2], "diffusion.attention_resolutions": "coarsest",
+                                         "classifier.attention_resolutions": "coarsest"})
+    assert unet_config(params, 64, 1, 2).attention_resolutions == (32,)
+    assert classifier_config(params, 128, 1, 2).attention_resolutions == (8,)
+
+
+def test_an_attention_size_the_network_lacks_names_the_size_independent_choices(repo_root):
+    params = load_params(repo_root / "params.yaml").with_overrides({"diffusion.attention_resolutions": [7]})
+    with pytest.raises(ConfigError, match="coarsest / auto"):
+        unet_config(params, 64, 1, 2)

@@ -76,7 +76,8 @@ def check_layout(
         raise ConfigError(
             f"attention_resolutions: {unreachable} are not feature-map sizes of this network "
             f"(image_size {image_size} gives {sizes} pixels per level); set attention_resolutions to some of "
-            f"{sizes}, or to auto for the preset of this image size (with channel_mult: auto, the levels too)"
+            f"{sizes}, or to coarsest / auto (the coarsest level / the two coarsest of any image size; with "
+            f"channel_mult: auto the levels follow the image size too)"
         )
     attention_channels = [width * mult for mult, size in zip(channel_mult, sizes) if size in attention_resolutions]
     for channels in [*attention_channels, width * channel_mult[-1]]:

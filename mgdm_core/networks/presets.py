@@ -37,6 +37,16 @@ def preset_attention_resolutions(image_size: int, channel_mult: tuple[int, ...])
     return tuple(level_sizes(image_size, len(channel_mult))[-2:])
 
 
+def attention_sizes(choice: tuple[int, ...] | str | None, image_size: int, channel_mult: tuple[int, ...]) -> tuple[int, ...]:
+    """`attention_resolutions` as pixel sizes: None (`auto`) the preset's two coarsest levels,
+    `coarsest` the coarsest level alone, explicit sizes as given."""
+    if choice is None:
+        return preset_attention_resolutions(image_size, channel_mult)
+    if choice == "coarsest":
+        return tuple(level_sizes(image_size, len(channel_mult))[-1:])
+    return tuple(choice)
+
+
 def unet_preset(image_size: int) -> Preset:
     """The diffusion UNet: width 64 up to 32 px, 96 at 64 px, 128 above (guided-diffusion: 192-256)."""
     mult = preset_channel_mult(image_size)

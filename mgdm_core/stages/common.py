@@ -21,7 +21,7 @@ from mgdm_core.errors import CheckpointError, ConfigError, DataError
 from mgdm_core.io import remove_stale_temps, write_json_atomic
 from mgdm_core.layout import Layout
 from mgdm_core.networks.classifier import ClassifierConfig, NoisyClassifier
-from mgdm_core.networks.presets import classifier_preset, preset_attention_resolutions, unet_preset
+from mgdm_core.networks.presets import attention_sizes, classifier_preset, unet_preset
 from mgdm_core.networks.unet import UNet, UNetConfig
 from mgdm_core.training.checkpoint import load_checkpoint
 
@@ -97,10 +97,8 @@ def _build(section: str, config_cls, fields: dict, image_size: int):
 def unet_config(params: Params, image_size: int, channels: int, num_classes: int) -> UNetConfig:
     """The UNet for this data; `diffusion.*` sizes left `auto` come from `networks.presets.unet_preset`."""
     d = params.diffusion
-    sizes = _resolved({"width": d.width, "channel_mult": d.channel_mult,
-                       "attention_resolutions": d.attention_resolutions}, unet_preset(image_size))
-    if d.attention_resolutions is None and d.channel_mult is not None:
-        sizes["attention_resolutions"] = preset_attention_resolutions(image_size, d.channel_mult)
+    sizes = _resolved({"width": d.width, "channel_mult": d.channel_mult}, unet_preset(image_size))
+    sizes["attention_resolutions"] = attention_sizes(d.attention_resolutions, image_size, sizes["channel_mult"])
     return _build("diffusion", UNetConfig, dict(
         image_size=image_size,
         in_channels=channels,
@@ -119,10 +117,8 @@ def unet_config(params: Params, image_size: int, channels: int, num_classes: int
 def classifier_config(params: Params, image_size: int, channels: int, num_classes: int) -> ClassifierConfig:
     """The noisy classifier for this data; `classifier.*` sizes left `auto` come from `classifier_preset`."""
     c = params.classifier
-    sizes = _resolved({"width": c.width, "channel_mult": c.channel_mult,
-                       "attention_resolutions": c.attention_resolutions}, classifier_preset(image_size))
-    if c.attention_resolutions is None and c.channel_mult is not None:
-        sizes["attention_resolutions"] = preset_attention_resolutions(image_size, c.channel_mult)
+    sizes = _resolved({"width": c.width, "channel_mult": c.channel_mult}, classifier_preset(image_size))
+    sizes["attention_resolutions"] = attention_sizes(c.attention_resolutions, image_size, sizes["channel_mult"])
     return _build("classifier", ClassifierConfig, dict(
         image_size=image_size,
         in_channels=channels,
