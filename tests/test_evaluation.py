@@ -464,6 +464,21 @@ def test_stage2_measures_are_also_compared_with_stage1() -> None:
     assert conditions["real+stage2:entropy"]["vs_stage1"]["auc"]["delta"] > 0
 
 
+def test_augmented_stage2_is_compared_with_stage1_under_the_same_augmentation() -> None:
+    summary = _five_seed_summary({"real": 1.0, "real+stage1": 1.5, "real+stage1+mixup": 1.0,
+                                  "real+stage2:entropy": 2.5, "real+stage2:entropy+mixup": 1.0,
+                                  "real+stage2:entropy+cutmix": 1.0})
+    conditions = summary["networks"]["simple_cnn"]
+    plain = conditions["real+stage2:entropy"]["vs_stage1"]["auc"]
+    mixed = conditions["real+stage2:entropy+mixup"]["vs_stage1"]["auc"]
+    assert plain["reference"] == "real+stage1" and mixed["reference"] == "real+stage1+mixup"
+    assert plain["comparisons"] == 1 and mixed["comparisons"] == 1  # one family per augmentation
+    assert "vs_stage1" not in conditions["real+stage2:entropy+cutmix"]  # real+stage1+cutmix was not run
+    sentence = verdict_sentences(summary)[0]
+    assert "stage 2 against real+stage1 (one measure" in sentence
+    assert "stage 2 against real+stage1+mixup (one measure" in sentence
+
+
 def test_report_opens_with_one_verdict_sentence_per_network_then_the_table() -> None:
     records = _records({"real": 1.0, "strong": 3.0}, range(5))
     real = [r for r in records if r["condition"] == "real"]
@@ -485,6 +500,49 @@ def test_report_opens_with_one_verdict_sentence_per_network_then_the_table() -> 
     assert table.index(f"- {sentences[-1]}") < next(i for i, line in enumerate(table) if line.startswith("| network"))
     same_row = next(line for line in table if "| simple_cnn | same |" in line)
     assert f"| {same['mde']:.3f} |" in same_row  # the detectable difference of a null result
+
+
+def _with_validation(records: list[dict], val: dict[str, float]) -> list[dict]:
+    """Give each record its condition's validation AUC (seed-dependent jitter, same mean order)."""
+    return [{**r, "val_auc": val[r["condition"]] + 0.001 * r["seed"]} for r in records]
+
+
+def test_the_best_standard_augmentation_is_chosen_on_validation_not_on_test() -> None:
+    # mixup is worse on the test images than cutmix but better on validation: it must be chosen
+    conditions = {"real": 1.0, "real+mixup": 1.0, "real+cutmix": 3.0, "real+stage1": 2.0,
+                  "real+stage2:entropy": 2.0, "real+stage2:entropy+mixup": 2.5, "real+stage2:entropy+cutmix": 2.5}
+    val = {"real": 0.80, "real+mixup": 0.90, "real+cutmix": 0.85, "real+stage1": 0.99,
+           "real+stage2:entropy": 0.99, "real+stage2:entropy+mixup": 0.99, "real+stage2:entropy+cutmix": 0.99}
+    summary = build_summary(_with_validation(_records(conditions, range(5)), val))
+    chosen = summary["best_augmentation"]["simple_cnn"]
+    assert chosen["condition"] == "real+mixup"  # synthetic conditions are not candidates
+    assert chosen["validation_auc"] == pytest.approx({"real+mixup": 0.902, "real+cutmix": 0.852})
+    nets = summary["networks"]["simple_cnn"]
+    assert nets["real+mixup"]["validation"]["auc"]["mean"] == pytest.approx(0.902)
+    # compared with it: the synthetic sets alone and combined with mixup, not with another augmentation
+    compared = [c for c, e in nets.items() if e.get("vs_best_augmentation")]
+    assert compared == ["real+stage1", "real+stage2:entropy", "real+stage2:entropy+mixup"]
+    d = nets["real+stage2:entropy"]["vs_best_augmentation"]["auc"]
+    assert d["reference"] == "real+mixup" and d["comparisons"] == 3 and d["adjustment"] == "holm"
+    assert d["confidence"] == pytest.approx(1 - 0.05 / 3) and d["reject"] and d["delta"] > 0
+    sentence = verdict_sentences(summary)[0]
+    assert "against the best standard augmentation on validation AUC, real+mixup" in sentence
+    assert "better than real+mixup: real+stage1 +" in sentence
+    report = markdown_table(summary, "BreastMNIST")
+    assert "## Against the best standard augmentation (chosen on validation AUC)" in report
+    assert "real+mixup 0.902, real+cutmix 0.852 (real: 0.802); chosen: **real+mixup**" in report
+    assert any(line.startswith("| real+stage2:entropy+mixup |") for line in report.splitlines())
+
+
+def test_no_augmentation_is_chosen_without_validation_aucs_or_candidates() -> None:
+    # records written before validation AUCs were kept, and runs without standard augmentations
+    old = build_summary(_records({"real": 1.0, "real+mixup": 1.0, "real+stage1": 2.0}, range(5)))
+    assert old["best_augmentation"] == {} and "validation" not in old["networks"]["simple_cnn"]["real"]
+    plain = build_summary(_with_validation(_records({"real": 1.0, "real+stage1": 2.0}, range(5)),
+                                           {"real": 0.8, "real+stage1": 0.9}))
+    assert plain["best_augmentation"] == {}
+    assert "vs_best_augmentation" not in plain["networks"]["simple_cnn"]["real+stage1"]
+    assert "best standard augmentation" not in markdown_table(plain, "BreastMNIST")
 
 
 def test_plan_trains_each_network_on_its_own_seeds(tmp_path) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from mgdm_core.conditions import parse_condition
 from mgdm_core.errors import ConfigError, DataError
 from mgdm_core.evaluation.metrics import COMPARED_METRICS
 from mgdm_core.evaluation.stats import (
@@ -64,12 +65,62 @@ def _condition_summary(runs: dict[int, Mapping[str, Any]]) -> dict[str, Any]:
     seeds = sorted(runs)
     first = runs[seeds[0]]["metrics"]
     scalar = [k for k, v in first.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return {
+    summary = {
         "seeds": seeds,
         "metrics": {k: summarise([runs[s]["metrics"][k] for s in seeds]) for k in scalar},
         "per_seed": {k: [float(runs[s]["metrics"][k]) for s in seeds] for k in scalar},
         "vs_baseline": None,
     }
+    val = [runs[s].get("val_auc") for s in seeds]
+    if all(v is not None and np.isfinite(v) for v in val):  # each seed's best-epoch validation AUC
+        summary["validation"] = {"auc": summarise([float(v) for v in val])}
+    return summary
+
+
+def _parsed(condition: str):
+    """The parsed condition, or None for a name outside the grammar (summaries built by hand)."""
+    try:
+        return parse_condition(condition)
+    except ConfigError:
+        return None
+
+
+def best_augmentation(conditions: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The standard augmentation (`real+<augment>`, no synthetic images) with the highest mean
+    validation AUC over its seeds: {condition, chosen_by, validation_auc: {candidate: mean}}.
+    The test images play no part in the choice, so comparisons with it on the test images stay
+    honest. None when no such condition was run or a candidate lacks validation AUCs (results
+    written before they were recorded); ties go to the first listed."""
+    candidates = [c for c in conditions if (p := _parsed(c)) and p.data == "real" and p.augment]
+    if not candidates or any("validation" not in conditions[c] for c in candidates):
+        return None
+    means = {c: float(conditions[c]["validation"]["auc"]["mean"]) for c in candidates}
+    best = max(candidates, key=lambda c: means[c])  # max keeps the first of equals
+    return {"condition": best, "chosen_by": "highest mean validation AUC over seeds (test images not used)",
+            "validation_auc": means}
+
+
+def _stage2_families(conditions: Sequence[str]) -> dict[str, list[str]]:
+    """Stage 2 against stage 1 under the same augmentation: {`real+stage1[+aug]`: the
+    `real+stage2:<measure>[+aug]` conditions}, for the references that were run (stage 2 with
+    TrivialAugment is compared with stage 1 with TrivialAugment, not with plain stage 1)."""
+    families: dict[str, list[str]] = {}
+    for c in conditions:
+        p = _parsed(c)
+        if p is None and c.startswith("real+stage2"):  # names outside the grammar: plain stage 1
+            families.setdefault(STAGE1, []).append(c)
+        elif p is not None and p.data == "real+stage2":
+            families.setdefault(STAGE1 + (f"+{p.augment}" if p.augment else ""), []).append(c)
+    return {ref: members for ref, members in families.items() if ref in conditions}
+
+
+def _against_augmentation(conditions: Sequence[str], best: str) -> list[str]:
+    """The conditions compared with the best standard augmentation: the synthetic sets added to
+    real images, alone and combined with that same augmentation (does synthesis beat it, and
+    does it add to it)."""
+    augment = parse_condition(best).augment
+    return [c for c in conditions
+            if (p := _parsed(c)) and p.data in ("real+stage1", "real+stage2") and p.augment in (None, augment)]
 
 
 def _compare(
@@ -124,13 +175,21 @@ def build_summary(
     std, n}}, per_seed: {metric: [value per seed]}, vs_baseline: {metric: see `_compare`} or None
     for the baseline}}}}; the baseline condition is listed first.
     When `real+stage1` was run, each `real+stage2:<measure>` also gets `vs_stage1` (the same
-    structure against `real+stage1`, Holm-adjusted across the measures): does stage 2 add
-    anything over stage 1."""
+    structure against `real+stage1`, Holm-adjusted across the measures, `reference` naming it):
+    does stage 2 add anything over stage 1; `real+stage2:<measure>+<aug>` is compared with
+    `real+stage1+<aug>` when that was run (a family per augmentation).
+    When standard augmentations (`real+<augment>`) were run and the records carry `val_auc`, each
+    condition also gets `validation` (its seeds' best-epoch validation AUC), `best_augmentation`
+    names per network the one with the highest mean validation AUC (`best_augmentation`), and the
+    synthetic conditions with no augmentation or that one get `vs_best_augmentation` (the same
+    structure, its own Holm family): does synthesis beat the strongest standard recipe, and
+    does it add to it."""
     if not unit_results:
         raise DataError("evaluate: no unit results to summarise")
     y_true = _common_test_labels(unit_results)
     counts = np.bincount(y_true)
     networks: dict[str, Any] = {}
+    best_augmentations: dict[str, Any] = {}
     for network, conditions in _group(unit_results).items():
         if baseline not in conditions:
             raise ConfigError(f"evaluate: baseline condition '{baseline}' has no results for {network}")
@@ -139,10 +198,17 @@ def build_summary(
         others = [c for c in conditions if c != baseline]
         for c, diffs in _compare(conditions, baseline, others, y_true, n_boot, seed).items():
             networks[network][c]["vs_baseline"] = diffs
-        stage2 = [c for c in conditions if c.startswith("real+stage2")]
-        if STAGE1 in conditions and stage2:
-            for c, diffs in _compare(conditions, STAGE1, stage2, y_true, n_boot, seed).items():
-                networks[network][c]["vs_stage1"] = diffs
+        for reference, stage2 in _stage2_families(list(conditions)).items():
+            for c, diffs in _compare(conditions, reference, stage2, y_true, n_boot, seed).items():
+                networks[network][c]["vs_stage1"] = {
+                    metric: {**diff, "reference": reference} for metric, diff in diffs.items()}
+        chosen = best_augmentation(networks[network])
+        against = _against_augmentation(list(conditions), chosen["condition"]) if chosen else []
+        if against:
+            best_augmentations[network] = chosen
+            for c, diffs in _compare(conditions, chosen["condition"], against, y_true, n_boot, seed).items():
+                networks[network][c]["vs_best_augmentation"] = {
+                    metric: {**diff, "reference": chosen["condition"]} for metric, diff in diffs.items()}
     return {
         "baseline": baseline,
         "n_test": int(len(y_true)),
@@ -153,6 +219,7 @@ def build_summary(
         "family_confidence": CONFIDENCE,
         "power": POWER,
         "networks": networks,
+        "best_augmentation": best_augmentations,
     }
 
 
@@ -264,11 +331,23 @@ def verdict_sentence(network: str, conditions: Mapping[str, Any], baseline: str,
     if first.get("method") == "bootstrap_test_images":
         rules += "; bootstrap over test images, the seeds' variance left out"
     parts = _verdicts(compared, baseline)
-    stage2 = {c: e["vs_stage1"][metric] for c, e in conditions.items() if e.get("vs_stage1")}
-    if stage2:
+    by_reference: dict[str, dict[str, Any]] = {}
+    for c, e in conditions.items():
+        if e.get("vs_stage1"):
+            d = e["vs_stage1"][metric]
+            by_reference.setdefault(d.get("reference", STAGE1), {})[c] = d
+    for reference, stage2 in by_reference.items():
         family2 = f"Holm over {len(stage2)} measures" if len(stage2) > 1 else "one measure"
         intervals2 = _interval_words(next(iter(stage2.values())), len(stage2))
-        parts.append(f"stage 2 against {STAGE1} ({family2}, {intervals2}): " + ", ".join(_verdicts(stage2, STAGE1)))
+        parts.append(f"stage 2 against {reference} ({family2}, {intervals2}): " + ", ".join(_verdicts(stage2, reference)))
+    vs_aug = {c: e["vs_best_augmentation"][metric] for c, e in conditions.items() if e.get("vs_best_augmentation")}
+    if vs_aug:
+        first_aug = next(iter(vs_aug.values()))
+        best = first_aug["reference"]
+        parts.append(
+            f"against the best standard augmentation on validation AUC, {best} ({name} "
+            f"{_mean_std(conditions[best]['metrics'][metric])}; {_interval_words(first_aug, len(vs_aug))}, "
+            f"{_decision_words(first_aug, len(vs_aug))}): " + ", ".join(_verdicts(vs_aug, best)))
     return f"{head}; Δ {name} with {rules}): {'; '.join(parts)}."
 
 
@@ -335,8 +414,41 @@ def markdown_table(summary: Mapping[str, Any], dataset_name: str) -> str:
         f"is the smallest true difference the family's test (level {1 - CONFIDENCE:.2g}/m) would have "
         f"found with {POWER:.0%} power (noncentral t; normal for `boot`).",
         "",
+        *_augmentation_section(summary),
     ]
     return "\n".join(lines)
+
+
+def _augmentation_section(summary: Mapping[str, Any]) -> list[str]:
+    """Per network: the standard augmentations ranked by validation AUC, the one chosen, and the
+    synthetic conditions against it (`vs_best_augmentation`); nothing when none was chosen."""
+    chosen = summary.get("best_augmentation") or {}
+    if not chosen:
+        return []
+    lines = ["## Against the best standard augmentation (chosen on validation AUC)", ""]
+    for network, best in chosen.items():
+        conditions = summary["networks"][network]
+        ranked = sorted(best["validation_auc"].items(), key=lambda kv: -kv[1])
+        base_val = conditions[summary["baseline"]].get("validation", {}).get("auc", {}).get("mean")
+        listing = ", ".join(f"{c} {v:.3f}" for c, v in ranked)
+        baseline_words = f" ({summary['baseline']}: {base_val:.3f})" if base_val is not None else ""
+        lines += [
+            f"**{network}**: mean validation AUC {listing}{baseline_words}; chosen: **{best['condition']}**, "
+            f"test AUC {_mean_std(conditions[best['condition']]['metrics']['auc'])}.",
+            "",
+            f"| condition | AUC | Δ AUC vs {best['condition']} [CI] | detectable Δ AUC ({POWER:.0%} power) |",
+            "| --- | --- | --- | --- |",
+        ]
+        for condition, entry in conditions.items():
+            diff = (entry.get("vs_best_augmentation") or {}).get("auc")
+            if diff is not None:
+                lines.append(f"| {condition} | {_mean_std(entry['metrics']['auc'])} | {_delta(diff)} | {_mde(diff)} |")
+        first = next((e["vs_best_augmentation"]["auc"] for e in conditions.values() if e.get("vs_best_augmentation")), None)
+        if first is not None:
+            words = _interval_words(first, first["comparisons"])
+            lines += ["", f"{words[0].upper()}{words[1:]}; "
+                      f"{_decision_words(first, first['comparisons'])}.", ""]
+    return lines
 
 
 def plot_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -293,7 +293,10 @@ def _log_summary_runs(summary: dict[str, Any], tracker: Tracker) -> None:
     levels in `interval_confidence` / `family_confidence` and the `interval` tag), Holm's
     adjusted p-value `delta_<metric>_p_holm` and the detectable difference
     `delta_<metric>_detectable`. Sorting the runs table by `delta_auc` then answers "did
-    augmentation help?"; the `verdict` tag is Holm's decision."""
+    augmentation help?"; the `verdict` tag is Holm's decision. Where a standard augmentation was
+    chosen on validation (`report.best_augmentation`), the synthetic conditions also carry
+    `delta_auc_vs_best_augmentation` (with `_low` / `_high`) and a `best_augmentation` tag, and
+    every condition its mean validation AUC `val_auc_mean`."""
     baseline = summary["baseline"]
     for network, conditions in summary["networks"].items():
         for condition, entry in conditions.items():
@@ -314,6 +317,14 @@ def _log_summary_runs(summary: dict[str, Any], tracker: Tracker) -> None:
                     metrics[f"delta_{metric}_high"] = diff["ci_high"]
                     metrics.update({f"delta_{metric}_{name}": diff[key] for name, key in
                                     (("p_holm", "p_holm"), ("detectable", "mde")) if diff.get(key) is not None})
+            if entry.get("validation"):
+                metrics["val_auc_mean"] = entry["validation"]["auc"]["mean"]
+            versus_best = (entry.get("vs_best_augmentation") or {}).get("auc")
+            if versus_best:  # the synthetic set against the standard augmentation chosen on validation
+                metrics.update({"delta_auc_vs_best_augmentation": versus_best["delta"],
+                                "delta_auc_vs_best_augmentation_low": versus_best["ci_low"],
+                                "delta_auc_vs_best_augmentation_high": versus_best["ci_high"]})
+                run.set_tags({"best_augmentation": versus_best["reference"]})
             level_params, level_metrics, level_tags = _interval_records((entry.get("vs_baseline") or {}).get("auc"))
             run.log_params(level_params)
             metrics.update(level_metrics)
@@ -351,6 +362,8 @@ def summarise(results: list[dict[str, Any]], params: Params, layout: Layout, tra
         tracker.log_artifact(artifact, "evaluate")
     _log_summary_runs(summary, tracker)
     _log_best_models(results, params, layout, tracker)
+    tracker.set_tags({f"best_augmentation.{network}": chosen["condition"]
+                      for network, chosen in summary["best_augmentation"].items()})
 
     flat: dict[str, float] = {}
     for network, conditions in summary["networks"].items():
