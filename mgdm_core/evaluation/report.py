@@ -433,8 +433,8 @@ def _augmentation_section(summary: Mapping[str, Any]) -> list[str]:
         listing = ", ".join(f"{c} {v:.3f}" for c, v in ranked)
         baseline_words = f" ({summary['baseline']}: {base_val:.3f})" if base_val is not None else ""
         lines += [
-            f"**{network}**: mean validation AUC {listing}{baseline_words}; chosen: **{best['condition']}**, "
-            f"test AUC {_mean_std(conditions[best['condition']]['metrics']['auc'])}.",
+            (f"**{network}**: mean validation AUC {listing}{baseline_words}; chosen: **{best['condition']}**, "
+             f"test AUC {_mean_std(conditions[best['condition']]['metrics']['auc'])}."),
             "",
             f"| condition | AUC | Δ AUC vs {best['condition']} [CI] | detectable Δ AUC ({POWER:.0%} power) |",
             "| --- | --- | --- | --- |",
@@ -446,8 +446,7 @@ def _augmentation_section(summary: Mapping[str, Any]) -> list[str]:
         first = next((e["vs_best_augmentation"]["auc"] for e in conditions.values() if e.get("vs_best_augmentation")), None)
         if first is not None:
             words = _interval_words(first, first["comparisons"])
-            lines += ["", f"{words[0].upper()}{words[1:]}; "
-                      f"{_decision_words(first, first['comparisons'])}.", ""]
+            lines += ["", f"{words[0].upper()}{words[1:]}; {_decision_words(first, first['comparisons'])}.", ""]
     return lines
 
 
