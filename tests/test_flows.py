@@ -44,10 +44,10 @@ def test_empty_form_means_params_yaml(project: Path) -> None:
 
 def test_form_fields_map_to_dotted_overrides(project: Path) -> None:
     options = PipelineOptions(project_root=str(project), profile="smoke", disturb_scale=2.0, measures=["margin"],
-                              guidance="cfg", guidance_scale=0.5, counts=[2, 2], networks=["simple_cnn"], seeds=[3],
+                              guidance="cfg", guidance_scale=0.5, counts=[2, 2], networks=["resnet18"], seeds=[3],
                               device="cpu", extra_overrides={"evaluate.epochs": 2})
     assert overrides_of(options) == {"disturb.scale": 2.0, "disturb.measure": ["margin"], "generate.guidance": "cfg",
-                                     "generate.scale": 0.5, "generate.counts": [2, 2], "evaluate.networks": ["simple_cnn"],
+                                     "generate.scale": 0.5, "generate.counts": [2, 2], "evaluate.networks": ["resnet18"],
                                      "evaluate.seeds": [3], "device": "cpu", "evaluate.epochs": 2}
     params = resolve_params(options)
     assert params.disturb.scale == 2.0 and params.disturb.measures == ("margin",)

@@ -39,7 +39,7 @@ def test_a_profile_run_is_a_dvc_experiment_and_leaves_params_yaml_as_committed(d
     assert len(experiments) == 1, shown
     revision = experiments[0]["revs"][0]["data"]
     steps = revision["params"]["params.yaml"]["data"]["train_diffusion"]["steps"]
-    assert steps == 12  # the smoke profile's value, recorded in the experiment (params.yaml says 1000)
+    assert steps == 12  # the smoke profile's value, recorded in the experiment, not params.yaml's
     # The outputs in the workspace are the experiment's; DVC shows their headline rows, readably.
     assert json.loads((root / "metrics" / "train_diffusion.json").read_text())
     assert (root / "metrics" / "evaluate.json").is_file() and (root / "dvc.lock").is_file()
@@ -57,7 +57,8 @@ def test_a_profile_run_is_a_dvc_experiment_and_leaves_params_yaml_as_committed(d
     compared = run_ok([sys.executable, "-m", "mgdm_core", "compare", branch, name], root, env)
     assert compared.splitlines()[0].split() == ["figure", branch, name], compared
     steps_row = next(line for line in compared.splitlines() if line.startswith("train_diffusion.steps "))
-    assert steps_row.split()[1:] == ["1000", "12"], compared
+    committed = yaml.safe_load((root / "params.yaml").read_text())["train_diffusion"]["steps"]
+    assert committed != 12 and steps_row.split()[1:] == [str(committed), "12"], compared
 
 
 def test_mgdm_repro_nests_every_stage_under_one_pipeline_run(dvc_smoke_experiment):
