@@ -13,10 +13,16 @@ Stage 1 at the product's own setting: `--sampler dpmpp_2m --respacing 20` times 
 figures with that sampler and the sampling figures at that respacing, reported as images/s at it
 (not scaled to 50 steps), to be read against the original's at `compare.sh --ref-respacing ddim250`
 (`OURS_ARGS="--sampler dpmpp_2m --respacing 20"`). stage2_entropy always inverts and decodes with
-DDIM (the inversion inverts the DDIM step), at --respacing when given.
+DDIM (the inversion inverts the DDIM step), at --respacing when given, or at its own
+--stage2-respacing. With --inversion-refine N and --round-trip it runs the disturb stage's own
+functions (`stages.disturb.invert_with_round_trip`, `decode_guided`) with those settings, so the
+figure is what one stage-2 measure costs in the product. The product's defaults
+(`generate.sampler: ddpm`, `respacing: "100"`; `disturb.respacing: ddim25`, `inversion_refine: 2`):
+`--sampler ddpm --respacing 100 --stage2-respacing ddim25 --inversion-refine 2 --round-trip`.
 
     python benchmarks/bench_core.py [--quick] [--json PATH] [--device cpu|cuda] [--channels-last] [--only NAMES]
-        [--sampler ddim|dpmpp_2m] [--respacing R | --spacing R]
+        [--sampler ddim|ddpm|dpmpp_2m] [--respacing R | --spacing R]
+        [--stage2-respacing R] [--inversion-refine N] [--round-trip]
 """
 
 from __future__ import annotations
@@ -40,9 +46,11 @@ from mgdm_core import runtime
 from mgdm_core.device import autocast, resolve_device, sampling_channels_last
 from mgdm_core.diffusion.guidance import cfg_model, classifier_guidance, uncertainty_guidance
 from mgdm_core.diffusion.losses import hybrid_loss, q_sample
-from mgdm_core.diffusion.sampling import ddim_invert, ddim_sample, dpmpp_2m_sample, initial_noise
+from mgdm_core.config import DisturbParams
+from mgdm_core.diffusion.sampling import PerImageNoise, ddim_invert, ddim_sample, ddpm_sample, dpmpp_2m_sample, initial_noise
 from mgdm_core.diffusion.schedule import make_schedule, respace
 from mgdm_core.errors import ConfigError
+from mgdm_core.stages.disturb import decode_guided, invert_with_round_trip
 from mgdm_core.networks.classifier import ClassifierConfig, NoisyClassifier
 from mgdm_core.networks.unet import UNet, UNetConfig
 
@@ -51,8 +59,8 @@ CLASSIFIER_SCALE = 1.0
 CFG_SCALE = 1.0
 ENTROPY_SCALE = 1.0
 FIGURES = ("train_diffusion", "train_classifier", "stage1_classifier", "stage1_cfg", "stage2_entropy")
-# Stage-1 samplers, as `generate.sampler` names them; both take (model, x_T, schedule, *, y, guidance, scale).
-STAGE1_SAMPLERS = {"ddim": ddim_sample, "dpmpp_2m": dpmpp_2m_sample}
+# Stage-1 samplers, as `generate.sampler` names them; all take (model, x_T, schedule, *, y, guidance, scale).
+STAGE1_SAMPLERS = {"ddim": ddim_sample, "ddpm": ddpm_sample, "dpmpp_2m": dpmpp_2m_sample}
 
 UNET_CONFIG = UNetConfig(
     image_size=28, in_channels=1, num_classes=2, width=64, channel_mult=(1, 2, 2), num_res_blocks=2,
@@ -127,12 +135,21 @@ class Bench:
         loss.backward()
         self.classifier_optimizer.step()
 
-    def sampler(self, spacing: str, workload: str, stage1_sampler: str = "ddim") -> Callable[[], None]:
+    def sampler(self, spacing: str, workload: str, stage1_sampler: str = "ddim", inversion_refine: int = 0,
+                round_trip: bool = False) -> Callable[[], None]:
         schedule = respace(self.schedule, spacing)
-        sample = STAGE1_SAMPLERS[stage1_sampler]
+        sampler = STAGE1_SAMPLERS[stage1_sampler]
+        # DDPM draws fresh noise at every step, per image, as the generate stage does.
+        noise = {"noise": PerImageNoise(range(BATCH), self.device)} if stage1_sampler == "ddpm" else {}
+
+        def sample(*args, **kwargs) -> torch.Tensor:
+            return sampler(*args, **kwargs, **noise)
+
         if sampling_channels_last(self.device):
             self.unet.use_channels_last()  # as the sampling stages load it (`stages.common.load_unet`)
         x_T = initial_noise(range(BATCH), (1, 28, 28), self.device, torch.float32)
+        disturb = DisturbParams(measure="entropy", scale=ENTROPY_SCALE, respacing=spacing,
+                                inversion_refine=inversion_refine, batch_size=BATCH)
 
         def stage1_classifier() -> None:
             sample(self.unet, x_T, schedule, y=self.y, guidance=classifier_guidance(self.classifier), scale=CLASSIFIER_SCALE)
@@ -141,6 +158,14 @@ class Bench:
             sample(cfg_model(self.unet, CFG_SCALE, UNET_CONFIG.null_class), x_T, schedule, y=self.y)
 
         def stage2_entropy() -> None:
+            if inversion_refine or round_trip:
+                # The disturb stage's own path: refined inversion, its round-trip check, one guided decode.
+                if round_trip:
+                    latent, _ = invert_with_round_trip(self.unet, self.x0, self.y, schedule, disturb)
+                else:
+                    latent = ddim_invert(self.unet, self.x0, schedule, y=self.y, refine=inversion_refine)
+                decode_guided(self.unet, self.classifier, latent, self.y, schedule, "entropy", disturb)
+                return
             latent = ddim_invert(self.unet, self.x0, schedule, y=self.y)
             ddim_sample(
                 self.unet, latent, schedule, y=self.y,
@@ -161,16 +186,20 @@ class Bench:
 
 
 def measure(bench: Bench, figure: str, quick: bool, spacing: str | None = None, respacing: str | None = None,
-            sampler: str = "ddim") -> float:
-    """images/s of one figure. Sampling figures: with `respacing`, images/s of a run at that respacing
-    as it is; otherwise for 50 steps (timed at `spacing`, quick mode at 10 steps, and scaled)."""
+            sampler: str = "ddim", stage2_respacing: str | None = None, inversion_refine: int = 0,
+            round_trip: bool = False) -> float:
+    """images/s of one figure. Sampling figures: with `respacing` (stage2_entropy: `stage2_respacing`
+    first), images/s of a run at that respacing as it is; otherwise for 50 steps (timed at `spacing`,
+    quick mode at 10 steps, and scaled)."""
     if figure in ("train_diffusion", "train_classifier"):
         return images_per_second(getattr(bench, figure), BATCH, 3 if quick else 10, bench.device)
+    stage2 = dict(inversion_refine=inversion_refine, round_trip=round_trip) if figure == "stage2_entropy" else {}
+    respacing = (stage2_respacing or respacing) if figure == "stage2_entropy" else respacing
     if respacing:
-        return images_per_second(bench.sampler(respacing, figure, sampler), BATCH, 1, bench.device)
+        return images_per_second(bench.sampler(respacing, figure, sampler, **stage2), BATCH, 1, bench.device)
     spacing = spacing or ("ddim10" if quick else "ddim50")
     steps_factor = 50 / len(respace(bench.schedule, spacing).timesteps)
-    return images_per_second(bench.sampler(spacing, figure, sampler), BATCH, 1, bench.device) / steps_factor
+    return images_per_second(bench.sampler(spacing, figure, sampler, **stage2), BATCH, 1, bench.device) / steps_factor
 
 
 def bf16_cpu_check(bench: Bench) -> dict[str, float]:
@@ -203,7 +232,8 @@ def run_child(job: str, args: argparse.Namespace) -> dict[str, object]:
         result.update(bf16_cpu_check(bench))
     else:
         before = resource.getrusage(resource.RUSAGE_SELF)
-        result["img_per_s"] = measure(bench, job, args.quick, args.spacing, args.respacing, args.sampler)
+        result["img_per_s"] = measure(bench, job, args.quick, args.spacing, args.respacing, args.sampler,
+                                      args.stage2_respacing, args.inversion_refine, args.round_trip)
         after = resource.getrusage(resource.RUSAGE_SELF)
         # Warm-up included: CPU seconds and page faults matter where wall clock is disturbed by other load.
         result["cpu_s"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
@@ -221,7 +251,9 @@ def spawn(job: str, args: argparse.Namespace) -> dict[str, object]:
     command += ["--quick"] * args.quick + ["--channels-last"] * args.channels_last + ["--default-malloc"] * args.default_malloc
     command += ["--spacing", args.spacing] if args.spacing else []
     command += ["--respacing", args.respacing] if args.respacing else []
-    command += ["--sampler", args.sampler]
+    command += ["--sampler", args.sampler, "--inversion-refine", str(args.inversion_refine)]
+    command += ["--stage2-respacing", args.stage2_respacing] if args.stage2_respacing else []
+    command += ["--round-trip"] * args.round_trip
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT_JSON:")]
     if done.returncode != 0 or not lines:
@@ -246,6 +278,11 @@ def main() -> None:
                                              "images/s of the product's setting, not scaled to 50 steps")
     parser.add_argument("--sampler", choices=sorted(STAGE1_SAMPLERS), default="ddim",
                         help="stage-1 sampler (generate.sampler) of stage1_classifier and stage1_cfg (default ddim)")
+    parser.add_argument("--stage2-respacing", help="stage2_entropy at this respacing as timed (disturb.respacing, e.g. ddim25)")
+    parser.add_argument("--inversion-refine", type=int, default=0,
+                        help="stage2_entropy: fixed-point refinements per inversion step (disturb.inversion_refine; default 0)")
+    parser.add_argument("--round-trip", action="store_true",
+                        help="stage2_entropy: include the disturb stage's unguided round-trip decode (its check)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -256,8 +293,11 @@ def main() -> None:
     unknown = sorted(set(figures) - set(FIGURES))
     if unknown:
         parser.error(f"--only: unknown figures {unknown} (expected some of {', '.join(FIGURES)})")
+    if args.inversion_refine < 0:
+        parser.error("--inversion-refine must be at least 0")
     try:  # a bad respacing fails here, not in every child
         steps = respace(make_schedule("linear", 1000), args.respacing or args.spacing or ("ddim10" if args.quick else "ddim50")).num_timesteps
+        stage2_steps = respace(make_schedule("linear", 1000), args.stage2_respacing).num_timesteps if args.stage2_respacing else steps
     except ConfigError as exc:
         parser.error(str(exc))
     device = resolve_device(args.device)
@@ -266,6 +306,10 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"stage-1 sampler {args.sampler}; sampling timed at {steps} steps, figures "
           + (f"at {args.respacing} as timed" if args.respacing else "scaled to 50 steps"))
+    if args.stage2_respacing or args.inversion_refine or args.round_trip:
+        print(f"stage 2: DDIM at {args.stage2_respacing or args.respacing or args.spacing or 'the sampling steps'}"
+              f"{' as timed' if args.stage2_respacing else ''}, inversion refinement {args.inversion_refine}, "
+              f"round-trip decode {'on' if args.round_trip else 'off'}")
     print(f"parameters: UNet {info['params_unet']:,}, classifier {info['params_classifier']:,}")
     report: dict[str, object] = {"params_unet": info["params_unet"], "params_classifier": info["params_classifier"]}
     peak_by_figure: dict[str, float] = {}
@@ -287,6 +331,8 @@ def main() -> None:
     report.update(
         default_malloc=args.default_malloc, spacing=args.spacing, respacing=args.respacing, sampler=args.sampler,
         sampling_steps_timed=steps, sampling_figures_per=f"{steps} steps" if args.respacing else "50 steps",
+        stage2_respacing=args.stage2_respacing, stage2_steps_timed=stage2_steps,
+        inversion_refine=args.inversion_refine, round_trip=args.round_trip,
         peak_rss_mb=max(peak_by_figure.values(), default=0.0), peak_rss_mb_by_figure=peak_by_figure,
         device=str(device), quick=args.quick, channels_last=args.channels_last, threads=info["threads"],
     )
