@@ -110,13 +110,16 @@ class TrainDiffusionParams(Section):
     preview_respacing: str = "100"
     # steps: auto. Stop once a snapshot's class fidelity AUC is at least the real test images' minus
     # auto_fidelity_tolerance and FD / floor has not improved (by auto_min_improvement, relative) for
-    # auto_patience snapshots in a row; never train past auto_max_steps. The model kept is the
-    # faithful snapshot with the lowest FD / floor (the lowest overall when none is faithful).
-    # (mgdm_core/training/auto_steps.py)
+    # auto_patience snapshots in a row, or (auto_rise_stop) has risen to that many times its best;
+    # never train past auto_max_steps. The model kept is the faithful snapshot with the lowest
+    # FD / floor (the lowest overall when none is faithful). (mgdm_core/training/auto_steps.py)
 
     auto_max_steps: int = Field(20000, ge=1)  # steps: auto: the most steps trained
     auto_patience: int = Field(3, ge=1)  # steps: auto: snapshots in a row without an FD / floor improvement
     auto_min_improvement: float = Field(0.02, ge=0, lt=1)  # steps: auto: relative FD / floor drop that counts
+    # steps: auto: stop at once, whatever the patience, when the latest FD / floor is at least this many
+    # times the best (a clear rise; null: only the patience stops)
+    auto_rise_stop: float | None = Field(None, gt=1)
     auto_fidelity_tolerance: float = Field(0.02, ge=0, le=1)  # steps: auto: fidelity AUC margin below real's
     auto_samples: int = Field(64, ge=2)  # steps: auto: unguided images per snapshot, classes balanced, fixed seeds
     auto_respacing: str = "50"  # steps: auto: DDPM respacing of those images
@@ -190,6 +193,11 @@ class DisturbParams(Section):
     # Decode with the unclipped DDIM step that the inversion inverts and clamp only the final image
     # (exact round trip); true clips x0_hat at every step as the original release does.
     clip_denoised: bool = False
+    # The unguided round trip (decode the latents without guidance, compare with the stage-1 image)
+    # checks the inversion; it costs one decode per checked image, so it checks this many images,
+    # evenly spread over the manifest (null: every image). 64 images estimate the mean error to a few
+    # per cent of itself; the max is then the max of the sample.
+    round_trip_images: int | None = Field(64, ge=1)
     class_map: dict[int, int] = Field(default_factory=dict)  # source class -> target class
     batch_size: int = Field(64, ge=1)
 

@@ -45,6 +45,19 @@ def test_a_flat_fd_without_class_fidelity_never_stops_it():
     assert decision.chosen_step == 100  # nothing faithful: the lowest distance, the earliest on ties
 
 
+def test_a_clear_rise_stops_at_once_and_a_flat_or_falling_curve_waits_for_the_patience():
+    rule = StopRule(patience=3, min_improvement=0.02, fidelity_tolerance=0.05, rise_stop=1.25)
+    # BreastMNIST's profile re-run: best at 600, 1.44x it at 800.
+    rising = curve((200, 8.37, 0.79), (400, 4.72, 0.90), (600, 3.93, 0.91), (800, 5.65, 0.92))
+    decision = decide(rising, REAL_AUC, rule)
+    assert decision.stop and decision.chosen_step == 600 and "1.44x" in decision.reason
+    assert not decide(rising, REAL_AUC, StopRule(3, 0.02, 0.05)).stop  # without it: the patience waits
+    flat = curve((200, 4.0, 0.9), (400, 4.6, 0.9), (600, 4.4, 0.9))  # under 1.25x: a noisy plateau
+    assert not decide(flat, REAL_AUC, rule).stop
+    unfaithful = curve((200, 4.0, 0.5), (400, 9.0, 0.6))  # a rise before class fidelity stops nothing
+    assert not decide(unfaithful, REAL_AUC, rule).stop
+
+
 def test_fd_is_the_distance_when_the_floor_is_undefined_and_an_empty_curve_waits():
     rows = [{"step": 1, "fd_ratio": None, "fd": 5.0, "fidelity_auc": 0.95},
             {"step": 2, "fd_ratio": None, "fd": 5.0, "fidelity_auc": 0.95},

@@ -21,7 +21,8 @@ def smoke(repo_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
     mp = pytest.MonkeyPatch()
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = load_params(repo_root / "params.yaml", "smoke")
+    # The round trip checks 4 of the 6 stage-1 images: the sampled path, not the every-image one.
+    params = load_params(repo_root / "params.yaml", "smoke").with_overrides({"disturb.round_trip_images": 4})
     layout = Layout(root)
     parent = tracking.open_pipeline_run(root, "pipeline", {"dataset": "phantom"})
     metrics = {name: run_stage(name, params, layout, parent_run_id=parent.run_id) for name in STAGES}
@@ -69,6 +70,16 @@ def test_generate_writes_the_requested_count_per_class_with_a_manifest(smoke):
     assert len({r["seed"] for r in rows}) == len(rows)
 
 
+def test_the_round_trip_checks_a_sample_spread_over_the_manifest_or_every_image():
+    from mgdm_core.stages.disturb import round_trip_indices
+
+    assert round_trip_indices(5, None).tolist() == [0, 1, 2, 3, 4]
+    assert round_trip_indices(5, 64).tolist() == [0, 1, 2, 3, 4]
+    sample = round_trip_indices(320, 64)
+    assert len(sample) == 64 and sample[0] == 0 and sample[-1] == 319
+    assert (sample[:32] < 160).all() and (sample[32:] >= 160).all()  # half from each half: both classes
+
+
 def test_disturb_writes_one_set_per_measure_pointing_at_its_sources(smoke):
     params, layout, metrics, _ = smoke
     stage1 = read_manifest(layout.stage1_dir / "manifest.csv")
@@ -77,7 +88,10 @@ def test_disturb_writes_one_set_per_measure_pointing_at_its_sources(smoke):
         assert len(rows) == len(stage1)
         assert {r["guidance"] for r in rows} == {measure}
         assert {r["source"] for r in rows} == {f"stage1/{r['file']}" for r in stage1}
-        assert all(np.isfinite(float(r["roundtrip_error"])) for r in rows)
+        checked = [k for k, r in enumerate(rows) if r["roundtrip_error"]]
+        assert checked == [0, 2, 3, 5]  # 4 of 6, evenly spread, the first and the last among them
+        assert all(np.isfinite(float(rows[k]["roundtrip_error"])) for k in checked)
+    assert metrics["disturb"]["roundtrip_images"] == 4
     assert metrics["disturb"]["latent_std_mean"] > 0
 
 

@@ -206,7 +206,7 @@ def train_until_judged(
     Returns the last chunk's result (its losses: every chunk's) and the record of the choice."""
     hp = params.train_diffusion
     rule = StopRule(patience=hp.auto_patience, min_improvement=hp.auto_min_improvement,
-                    fidelity_tolerance=hp.auto_fidelity_tolerance)
+                    fidelity_tolerance=hp.auto_fidelity_tolerance, rise_stop=hp.auto_rise_stop)
     judge = SnapshotJudge(params, data, device)
     log.info("train_diffusion: steps auto; reference %s test AUC %.3f, FD floor %.3g; %s", REFERENCE_NETWORK,
              judge.reference.test_auc, judge.fd_floor, rule.describe(judge.real_auc))
