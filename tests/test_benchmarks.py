@@ -40,3 +40,22 @@ def test_stage2_as_the_disturb_stage_runs_it_counts_refinement_and_round_trip(be
 
 def test_stage2_reference_configuration_is_plain_inversion_and_one_decode(bench):
     assert unet_calls(bench, bench.sampler("ddim2", "stage2_entropy")) == 2 + 2
+
+
+def test_judge_noise_repeat_zero_is_the_rules_own_seed_set_and_repeats_share_no_seed():
+    from types import SimpleNamespace
+
+    from mgdm_core.stages.common import seed_for
+
+    spec = importlib.util.spec_from_file_location("judge_noise", BENCH_CORE.parent / "judge_noise.py")
+    judge_noise = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(judge_noise)
+    labels = [0, 1, 0, 1]
+    rule_seeds = [seed_for(7000, y, i) for i, y in enumerate(labels)]  # as SnapshotJudge draws them
+    judge = SimpleNamespace(labels=labels, seeds=list(rule_seeds))
+    seen = []
+    for repeat in range(3):
+        judge_noise.reseed(judge, 7000, repeat)
+        seen.append(list(judge.seeds))
+    assert seen[0] == rule_seeds
+    assert len({s for seeds in seen for s in seeds}) == 3 * len(labels)
