@@ -195,8 +195,9 @@ class DisturbParams(Section):
     clip_denoised: bool = False
     # The unguided round trip (decode the latents without guidance, compare with the stage-1 image)
     # checks the inversion; it costs one decode per checked image, so it checks this many images,
-    # evenly spread over the manifest (null: every image). 64 images estimate the mean error to a few
-    # per cent of itself; the max is then the max of the sample.
+    # evenly spread over the manifest (null: every image). On BreastMNIST (ddim20, refine 2) the
+    # per-image errors of 64 checked images had sd 11 % of their mean: standard error of the mean 1.4 %.
+    # The max reported is the sample's.
     round_trip_images: int | None = Field(64, ge=1)
     class_map: dict[int, int] = Field(default_factory=dict)  # source class -> target class
     batch_size: int = Field(64, ge=1)
