@@ -76,6 +76,17 @@ def round_trip_indices(total: int, checked: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, total - 1, checked).round().astype(np.int64))
 
 
+def round_trip_warning(error_mean: float, tolerance: float | None, d: DisturbParams) -> str | None:
+    """The warning the stage logs when the checked images' mean round-trip error exceeds
+    `tolerance`, naming the keys that shrink it; None when it does not (or no tolerance is set)."""
+    if tolerance is None or not np.isfinite(error_mean) or error_mean <= tolerance:
+        return None
+    return (f"disturb: round-trip error {error_mean:.4f} exceeds disturb.round_trip_tolerance {tolerance:g} "
+            f"(respacing {d.respacing}, inversion_refine {d.inversion_refine}): the stage-2 images carry "
+            "reconstruction error besides the guidance; raise disturb.inversion_refine or the respacing's "
+            "steps (docs/results/breastmnist_time_to_quality.md, \"Stage 2\")")
+
+
 def invert_with_round_trip(unet, x0: torch.Tensor, y: torch.Tensor, schedule: Schedule,
                            d: DisturbParams, check: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents x_T of images x0 [B,C,H,W] on [-1, 1] (DDIM inversion, `d.inversion_refine`) and the
@@ -150,12 +161,16 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
         "latent_std_mean": float(latent_std.mean()),
         "stage1_mean_entropy": float(src_entropy.mean()),
     }
+    warning = round_trip_warning(metrics["roundtrip_error_mean"], d.round_trip_tolerance, d)
+    if warning and main:
+        log.warning(warning)
     entropy_sets = {"real train": real_entropy, "stage 1": src_entropy}
     if main:
         remove_other_measures(layout, d.measures)
     for measure in d.measures:
         out = layout.stage2_measure_dir(measure)
-        fingerprint = {"disturb": d.model_dump(mode="json"), "measure": measure, "seed": params.generator_seed_value,
+        # The tolerance only decides a warning: changing it must not redo the decodes.
+        fingerprint = {"disturb": d.model_dump(mode="json", exclude={"round_trip_tolerance"}), "measure": measure, "seed": params.generator_seed_value,
                        "stage1": file_digest(stage1_manifest), "diffusion": file_digest(layout.diffusion_model),
                        "classifier": file_digest(layout.classifier_model)}
         if main:
