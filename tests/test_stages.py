@@ -84,13 +84,13 @@ def test_a_round_trip_above_the_tolerance_warns_and_names_the_keys_that_shrink_i
     from mgdm_core.config import DisturbParams
     from mgdm_core.stages.disturb import round_trip_warning
 
-    d = DisturbParams(respacing="ddim10", inversion_refine=3)
-    message = round_trip_warning(0.0135, 0.01, d)
+    d = DisturbParams(respacing="ddim10", inversion_refine=3, round_trip_tolerance=0.01)
+    message = round_trip_warning(0.0135, d)
     assert "0.0135" in message and "ddim10" in message
     assert "disturb.inversion_refine" in message and "disturb.round_trip_tolerance" in message
-    assert round_trip_warning(0.0076, 0.01, d) is None
-    assert round_trip_warning(0.5, None, d) is None  # null: never warn
-    assert round_trip_warning(float("nan"), 0.01, d) is None  # no image checked on this rank
+    assert round_trip_warning(0.0076, d) is None
+    assert round_trip_warning(0.5, d.model_copy(update={"round_trip_tolerance": None})) is None  # null: never warn
+    assert round_trip_warning(float("nan"), d) is None  # no image checked on this rank
 
 
 def test_disturb_writes_one_set_per_measure_pointing_at_its_sources(smoke):

@@ -76,9 +76,10 @@ def round_trip_indices(total: int, checked: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, total - 1, checked).round().astype(np.int64))
 
 
-def round_trip_warning(error_mean: float, tolerance: float | None, d: DisturbParams) -> str | None:
+def round_trip_warning(error_mean: float, d: DisturbParams) -> str | None:
     """The warning the stage logs when the checked images' mean round-trip error exceeds
-    `tolerance`, naming the keys that shrink it; None when it does not (or no tolerance is set)."""
+    `d.round_trip_tolerance`, naming the keys that shrink it; None when it does not (or it is null)."""
+    tolerance = d.round_trip_tolerance
     if tolerance is None or not np.isfinite(error_mean) or error_mean <= tolerance:
         return None
     return (f"disturb: round-trip error {error_mean:.4f} exceeds disturb.round_trip_tolerance {tolerance:g} "
@@ -161,7 +162,7 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
         "latent_std_mean": float(latent_std.mean()),
         "stage1_mean_entropy": float(src_entropy.mean()),
     }
-    warning = round_trip_warning(metrics["roundtrip_error_mean"], d.round_trip_tolerance, d)
+    warning = round_trip_warning(metrics["roundtrip_error_mean"], d)
     if warning and main:
         log.warning(warning)
     entropy_sets = {"real train": real_entropy, "stage 1": src_entropy}
