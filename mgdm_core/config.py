@@ -8,6 +8,7 @@ Unknown keys, wrong types, NaN and out-of-range values are errors naming the key
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -180,11 +181,30 @@ class GenerateParams(Section):
     batch_size: int = Field(64, ge=1)
 
 
+class DecodeSetting(Section):
+    """One stage-2 step setting `disturb.respacing: auto` may choose: both halves' respacing and the
+    inversion's fixed-point iterations."""
+
+    respacing: str
+    inversion_refine: int = Field(ge=0, le=10)
+
+    @field_validator("respacing")
+    @classmethod
+    def _a_respacing(cls, value: str) -> str:
+        # Checked here so that a bad later entry is refused before the earlier ones cost any work.
+        if not re.fullmatch(r"\s*(ddim\d+|\d+(\s*,\s*\d+)*)\s*", value.lower()):
+            raise ValueError(f"expected a respacing like 'ddim20' or '10,15,25', got {value!r}")
+        return value
+
+
 class DisturbParams(Section):
     """MGDM stage 2: DDIM-invert stage-1 images and decode them with uncertainty guidance."""
 
     measure: Measure | tuple[Measure, ...] = "entropy"
     scale: float = 4.0
+    # Both halves' respacing; `auto`: the first of `auto_candidates` (cheapest first) whose round trip
+    # on the checked images (`round_trip_images`) is within `round_trip_tolerance`, so the step count
+    # follows the generator (mgdm_core/stages/disturb.py: first_within_tolerance).
     respacing: str = "ddim50"
     # Fixed-point iterations per inversion step (1 + refine model calls): 0 is plain DDIM inversion
     # (round-trip error first-order in the step size); on BreastMNIST at `ddim25` the unclipped round
@@ -205,8 +225,42 @@ class DisturbParams(Section):
     # stay inside it depends on the generator (ddim10, refine 3: 0.0076 on one BreastMNIST generator,
     # 0.0135 on another), so a cheap respacing is only safe where this check has passed.
     round_trip_tolerance: float | None = Field(0.01, gt=0)
+    # respacing: auto tries these in order (list them cheapest first) and keeps the first whose checked
+    # round trip passes, the last when none does (the stage then warns); each replaces `respacing` and
+    # `inversion_refine`. UNet calls per image: steps x (1 + refine) to invert, steps per measure to
+    # decode, and steps more for a checked image at every setting tried. On BreastMNIST ddim10 / refine 3
+    # erred by 0.0076 on one generator and 0.0123-0.0135 on two others, where ddim20 / refine 2 gave
+    # 0.0062 (docs/results/breastmnist_time_to_quality.md).
+    auto_candidates: tuple[DecodeSetting, ...] = (
+        DecodeSetting(respacing="ddim10", inversion_refine=3),
+        DecodeSetting(respacing="ddim15", inversion_refine=2),
+        DecodeSetting(respacing="ddim20", inversion_refine=2),
+        DecodeSetting(respacing="ddim25", inversion_refine=2),
+        DecodeSetting(respacing="ddim50", inversion_refine=2),
+    )
     class_map: dict[int, int] = Field(default_factory=dict)  # source class -> target class
     batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _auto_needs_a_tolerance(self) -> "DisturbParams":
+        if self.respacing.strip().lower() == "auto":
+            if self.round_trip_tolerance is None:
+                raise ValueError("disturb.respacing: auto chooses by disturb.round_trip_tolerance, which is null; "
+                                 "set a tolerance (e.g. 0.01) or a fixed respacing (e.g. ddim20)")
+            if not self.auto_candidates:
+                raise ValueError("disturb.respacing: auto needs at least one entry in disturb.auto_candidates")
+        return self
+
+    @property
+    def is_auto(self) -> bool:
+        return self.respacing.strip().lower() == "auto"
+
+    @property
+    def decode_settings(self) -> tuple[DecodeSetting, ...]:
+        """The settings the stage may use, in the order it tries them (one unless respacing is auto)."""
+        if self.is_auto:
+            return self.auto_candidates
+        return (DecodeSetting(respacing=self.respacing, inversion_refine=self.inversion_refine),)
 
     @property
     def measures(self) -> tuple[str, ...]:

@@ -115,6 +115,8 @@ def type_name(annotation: Any) -> str:
         names = [type_name(a) for a in args if a is not type(None)]
         return " or ".join(names) + (" or null" if type(None) in args else "")
     if origin is tuple:
+        if len(args) == 2 and inspect.isclass(args[0]) and issubclass(args[0], BaseModel):
+            return "list of {" + ", ".join(args[0].model_fields) + "}"  # entries, e.g. disturb.auto_candidates
         return f"list of {type_name(args[0])}" if len(args) == 2 and args[1] is Ellipsis else "list"
     if origin is dict:
         return f"map {type_name(args[0])} -> {type_name(args[1])}"
@@ -146,7 +148,8 @@ def show(value: Any) -> str:
     if isinstance(value, BaseModel):
         return ""
     if isinstance(value, tuple):
-        value = list(value)
+        # a list of small models (disturb.auto_candidates) is shown as the YAML a user would write
+        value = [v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value]
     text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
     text = text.removesuffix("\n...").removesuffix("...").strip()
     return f"`{text}`"

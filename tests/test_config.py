@@ -54,6 +54,19 @@ def test_unknown_measure_is_refused(tmp_path):
         load_params(write(tmp_path, {"disturb": {"measure": "confusion"}}))
 
 
+def test_auto_respacing_needs_a_tolerance_and_well_formed_candidates(tmp_path):
+    with pytest.raises(ConfigError, match="round_trip_tolerance"):
+        load_params(write(tmp_path, {"disturb": {"respacing": "auto", "round_trip_tolerance": None}}))
+    with pytest.raises(ConfigError, match="auto_candidates"):
+        load_params(write(tmp_path, {"disturb": {"respacing": "auto", "auto_candidates": []}}, "b.yaml"))
+    with pytest.raises(ConfigError, match="disturb.auto_candidates"):
+        load_params(write(tmp_path, {"disturb": {"auto_candidates": [{"respacing": "dim10", "inversion_refine": 3}]}}, "c.yaml"))
+    fixed = load_params(write(tmp_path, {"disturb": {"respacing": "ddim20", "inversion_refine": 1}}, "d.yaml")).disturb
+    assert [(s.respacing, s.inversion_refine) for s in fixed.decode_settings] == [("ddim20", 1)]
+    auto = load_params(write(tmp_path, {"disturb": {"respacing": "auto"}}, "e.yaml")).disturb
+    assert auto.decode_settings == auto.auto_candidates and auto.decode_settings[0].respacing == "ddim10"
+
+
 def test_measure_may_be_one_name_or_a_list(tmp_path):
     one = load_params(write(tmp_path, {"disturb": {"measure": "margin"}}))
     many = load_params(write(tmp_path, {"disturb": {"measure": ["entropy", "margin", "entropy"]}}, "b.yaml"))

@@ -93,6 +93,60 @@ def test_a_round_trip_above_the_tolerance_warns_and_names_the_keys_that_shrink_i
     assert round_trip_warning(float("nan"), d) is None  # no image checked on this rank
 
 
+def test_the_first_decode_setting_within_the_tolerance_is_chosen_and_none_after_it_is_tried():
+    from mgdm_core.stages.disturb import first_within_tolerance
+
+    errors = {"ddim10": 0.0123, "ddim15": 0.0081, "ddim20": 0.0062}
+    tried = []
+
+    def error(setting):
+        tried.append(setting)
+        return errors[setting]
+
+    assert first_within_tolerance(list(errors), error, 0.01) == (1, [0.0123, 0.0081])
+    assert tried == ["ddim10", "ddim15"]  # ddim20 is never run
+    assert first_within_tolerance(list(errors), errors.get, None) == (0, [0.0123])  # a fixed setting
+    assert first_within_tolerance(list(errors), errors.get, 0.001) == (2, [0.0123, 0.0081, 0.0062])  # none passes: the last
+    with pytest.raises(ValueError):
+        first_within_tolerance([], errors.get, 0.01)
+
+
+def test_auto_respacing_keeps_the_cheapest_setting_whose_round_trip_passes_and_records_the_ones_tried(
+    smoke, tmp_path, caplog
+):
+    import logging
+
+    from mgdm_core.stages import disturb
+    from mgdm_core.tracking import NullTracker
+
+    params, layout, _, _ = smoke
+    root = tmp_path / "project"
+    for part in ("data", "models", "synthetic"):
+        if (layout.root / part).exists():
+            shutil.copytree(layout.root / part, root / part)
+    copy = Layout(root)
+    candidates = [{"respacing": "ddim3", "inversion_refine": 0}, {"respacing": "ddim5", "inversion_refine": 2}]
+    auto = params.with_overrides({"disturb.measure": "entropy", "disturb.respacing": "auto",
+                                  "disturb.auto_candidates": candidates, "disturb.round_trip_tolerance": 10.0})
+    easy = disturb.run(auto, copy, NullTracker())
+    assert easy["decode_settings_tried"] == 1 and easy["decode_steps"] == 3 and easy["inversion_refine"] == 0
+    assert easy["auto_roundtrip_error_ddim3_refine0"] == pytest.approx(easy["roundtrip_error_mean"])
+    assert "auto_roundtrip_error_ddim5_refine2" not in easy  # never tried
+    easy_images = {p.name: read_image(p) for p in copy.stage2_measure_dir("entropy").rglob("*.png")}
+
+    strict = auto.with_overrides({"disturb.round_trip_tolerance": 1e-9})
+    with caplog.at_level(logging.WARNING, logger="mgdm"):
+        hard = disturb.run(strict, copy, NullTracker())
+    assert hard["decode_settings_tried"] == 2 and hard["decode_steps"] == 5 and hard["inversion_refine"] == 2
+    assert hard["roundtrip_error_mean"] == pytest.approx(hard["auto_roundtrip_error_ddim5_refine2"])
+    assert hard["roundtrip_error_mean"] < hard["auto_roundtrip_error_ddim3_refine0"]  # more steps, refined: closer
+    assert "no entry of disturb.auto_candidates passed" in caplog.text
+    # The stage-2 images were decoded again at the setting chosen, not kept from the easier run.
+    hard_images = {p.name: read_image(p) for p in copy.stage2_measure_dir("entropy").rglob("*.png")}
+    assert hard_images.keys() == easy_images.keys() and len(hard_images) == hard["images"]
+    assert any(not np.array_equal(hard_images[k], easy_images[k]) for k in hard_images)
+
+
 def test_disturb_writes_one_set_per_measure_pointing_at_its_sources(smoke):
     params, layout, metrics, _ = smoke
     stage1 = read_manifest(layout.stage1_dir / "manifest.csv")

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from mgdm_core import distributed, progress
-from mgdm_core.config import DisturbParams, Params
+from mgdm_core.config import DecodeSetting, DisturbParams, Params
 from mgdm_core.data.loaders import from_model_tensor, to_model_tensor
 from mgdm_core.device import autocast, resolve_device
 from mgdm_core.diffusion.guidance import classifier_guidance, uncertainty_guidance
@@ -30,6 +31,8 @@ from mgdm_core.stages.common import (
     load_unet, log, write_metrics,
 )
 from mgdm_core.tracking import Tracker
+
+T = TypeVar("T")
 
 READS = ("seed", "generator_seed", "device", "diffusion.schedule", "diffusion.steps", "disturb")
 
@@ -76,16 +79,36 @@ def round_trip_indices(total: int, checked: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, total - 1, checked).round().astype(np.int64))
 
 
-def round_trip_warning(error_mean: float, d: DisturbParams) -> str | None:
+def round_trip_warning(error_mean: float, d: DisturbParams, chosen: DecodeSetting | None = None) -> str | None:
     """The warning the stage logs when the checked images' mean round-trip error exceeds
-    `d.round_trip_tolerance`, naming the keys that shrink it; None when it does not (or it is null)."""
+    `d.round_trip_tolerance`, naming the keys that shrink it; None when it does not (or it is null).
+    `chosen`: the setting the error was measured at (default: `d`'s own respacing and refinement)."""
     tolerance = d.round_trip_tolerance
     if tolerance is None or not np.isfinite(error_mean) or error_mean <= tolerance:
         return None
+    chosen = chosen or d.decode_settings[-1]
+    fix = ("no entry of disturb.auto_candidates passed, so the last was used; append a costlier one "
+           "(more steps, e.g. ddim100 with inversion_refine 2)" if d.is_auto else
+           "raise disturb.inversion_refine or the respacing's steps, or set disturb.respacing: auto")
     return (f"disturb: round-trip error {error_mean:.4f} exceeds disturb.round_trip_tolerance {tolerance:g} "
-            f"(respacing {d.respacing}, inversion_refine {d.inversion_refine}): the stage-2 images carry "
-            "reconstruction error besides the guidance; raise disturb.inversion_refine or the respacing's "
-            "steps (docs/results/breastmnist_time_to_quality.md, \"Stage 2\")")
+            f"(respacing {chosen.respacing}, inversion_refine {chosen.inversion_refine}): the stage-2 images carry "
+            f"reconstruction error besides the guidance; {fix} "
+            "(docs/results/breastmnist_time_to_quality.md, \"Stage 2\")")
+
+
+def first_within_tolerance(settings: Sequence[T], round_trip_error: Callable[[T], float],
+                           tolerance: float | None) -> tuple[int, list[float]]:
+    """Position of the first of `settings` whose `round_trip_error` is at most `tolerance` (the first
+    when tolerance is None, the last when none passes) and the errors of the settings tried, in order:
+    settings after the one chosen are never tried."""
+    if not settings:
+        raise ValueError("no decode setting to try")
+    errors: list[float] = []
+    for k, setting in enumerate(settings):
+        errors.append(round_trip_error(setting))
+        if tolerance is None or errors[-1] <= tolerance:
+            return k, errors
+    return len(settings) - 1, errors
 
 
 def invert_with_round_trip(unet, x0: torch.Tensor, y: torch.Tensor, schedule: Schedule,
@@ -132,7 +155,6 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     source_labels = np.array([int(r["label"]) for r in rows], dtype=np.int64)
     targets = target_labels(source_labels, d.class_map, data.num_classes)
 
-    schedule = respace(diffusion_schedule(params), d.respacing)
     unet = load_unet(layout.diffusion_model, device, data)
     classifier = load_classifier(layout.classifier_model, device, data)
     # This rank's images (all in one process): it inverts and decodes exactly these.
@@ -143,9 +165,37 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
 
     # This rank's positions (in `mine`) of the images the round trip checks; NaN for the others.
     checked = np.flatnonzero(np.isin(mine, round_trip_indices(len(rows), d.round_trip_images)))
-    latents, recon = invert_with_round_trip(unet, x0, y_src, schedule, d, check=checked)
+    rest = np.setdiff1d(np.arange(len(mine)), checked)
+    checked_t, rest_t = (torch.as_tensor(p, device=device, dtype=torch.long) for p in (checked, rest))
+    full_schedule = diffusion_schedule(params)
+    trials: dict[DecodeSetting, tuple[Schedule, torch.Tensor, np.ndarray]] = {}
+
+    def checked_round_trip(setting: DecodeSetting) -> float:
+        # Invert the checked images at `setting` and decode them unguided: their latents are kept,
+        # so the setting chosen costs no more than a fixed one would.
+        schedule = respace(full_schedule, setting.respacing)
+        at = d.model_copy(update={"respacing": setting.respacing, "inversion_refine": setting.inversion_refine})
+        latents, recon = invert_with_round_trip(unet, x0[checked_t], y_src[checked_t], schedule, at)
+        errors = (recon - x0[checked_t]).abs().flatten(1).mean(1).cpu().numpy()  # mean |error| on [-1, 1]
+        trials[setting] = (schedule, latents, errors)
+        total = distributed.reduce_mean(torch.tensor([errors.sum(), len(errors)], dtype=torch.float64, device=device)).cpu()
+        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+    chosen_at, tried = first_within_tolerance(d.decode_settings, checked_round_trip,
+                                              d.round_trip_tolerance if d.is_auto else None)
+    chosen = d.decode_settings[chosen_at]
+    schedule, checked_latents, checked_errors = trials[chosen]
+    if d.is_auto and main:
+        log.info("disturb: respacing auto chose %s / inversion_refine %d (tried: %s)", chosen.respacing,
+                 chosen.inversion_refine, ", ".join(f"{s.respacing} / {s.inversion_refine}: {e:.4f}"
+                                                    for s, e in zip(d.decode_settings, tried)))
+    chosen_d = d.model_copy(update={"respacing": chosen.respacing, "inversion_refine": chosen.inversion_refine})
+    rest_latents, _ = invert_with_round_trip(unet, x0[rest_t], y_src[rest_t], schedule, chosen_d, check=np.array([], dtype=np.int64))
+    latents = torch.empty((len(mine), *x0.shape[1:]), dtype=torch.float32, device=device)
+    latents[checked_t] = checked_latents
+    latents[rest_t] = rest_latents
     roundtrip = np.full(len(mine), np.nan)
-    roundtrip[checked] = (recon - x0[checked]).abs().flatten(1).mean(1).cpu().numpy()  # mean |error| on [-1, 1]
+    roundtrip[checked] = checked_errors
     latent_mean = latents.flatten(1).mean(1).cpu().numpy()
     latent_std = latents.flatten(1).std(1).cpu().numpy()
     # Per-image values of every rank, in manifest order (the identity in one process).
@@ -155,6 +205,9 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
 
     metrics: dict[str, float] = {
         "images": len(rows),
+        "decode_steps": len(schedule.timesteps),
+        "inversion_refine": chosen.inversion_refine,
+        "decode_settings_tried": len(tried),
         "roundtrip_images": int(np.isfinite(roundtrip).sum()),
         "roundtrip_error_mean": float(np.nanmean(roundtrip)),
         "roundtrip_error_max": float(np.nanmax(roundtrip)),
@@ -162,7 +215,10 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
         "latent_std_mean": float(latent_std.mean()),
         "stage1_mean_entropy": float(src_entropy.mean()),
     }
-    warning = round_trip_warning(metrics["roundtrip_error_mean"], d)
+    if d.is_auto:  # each setting tried, so a user sees how near the tolerance the cheaper ones came
+        metrics.update({f"auto_roundtrip_error_{s.respacing}_refine{s.inversion_refine}": e
+                        for s, e in zip(d.decode_settings, tried)})
+    warning = round_trip_warning(metrics["roundtrip_error_mean"], d, chosen)
     if warning and main:
         log.warning(warning)
     entropy_sets = {"real train": real_entropy, "stage 1": src_entropy}
@@ -170,10 +226,14 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
         remove_other_measures(layout, d.measures)
     for measure in d.measures:
         out = layout.stage2_measure_dir(measure)
-        # The tolerance only decides a warning: changing it must not redo the decodes.
+        # With a fixed respacing the tolerance only decides a warning: changing it must not redo the decodes.
         fingerprint = {"disturb": d.model_dump(mode="json", exclude={"round_trip_tolerance"}), "measure": measure, "seed": params.generator_seed_value,
                        "stage1": file_digest(stage1_manifest), "diffusion": file_digest(layout.diffusion_model),
                        "classifier": file_digest(layout.classifier_model)}
+        if d.is_auto:  # the images depend on the setting chosen, which the tolerance can change
+            fingerprint["decode"] = chosen.model_dump(mode="json")
+        else:
+            fingerprint["disturb"].pop("auto_candidates")  # unused: changing them must not redo the decodes
         if main:
             claim_output_dir(out, fingerprint)
         distributed.barrier()
