@@ -45,7 +45,7 @@ RECIPE_KEYS = (
     "generate.guidance", "generate.scale", "generate.sampler", "generate.respacing", "generate.eta",
     "generate.mode", "generate.counts",
     "disturb.measure", "disturb.scale", "disturb.respacing", "disturb.inversion_refine",
-    "disturb.clip_denoised", "disturb.class_map",
+    "disturb.auto_candidates", "disturb.clip_denoised", "disturb.class_map",
 )
 VERDICTS = ("same", "default differs", "cannot match")
 # Where a reason may cite a measurement; each cited file must exist.
