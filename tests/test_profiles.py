@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mgdm_core.cli import profile_overrides
 from mgdm_core.config import load_params
@@ -49,3 +50,24 @@ def test_profile_command_prints_the_experiment_and_leaves_params_yaml_alone(repo
                           capture_output=True, text=True, check=True)
     assert done.stdout.startswith("dvc exp run -S ") and "'++device=\"cuda\"'" in done.stdout
     assert (tmp_path / "params.yaml").read_bytes() == before
+
+
+# profiles/breastmnist_quality.yaml is profiles/breastmnist.yaml with these keys changed (its header
+# says why); profiles cannot inherit, so this keeps the copy from drifting.
+QUALITY_PROFILE_CHANGES = {"train_diffusion.lr", "disturb.respacing", "disturb.inversion_refine"}
+
+
+def test_the_quality_profile_differs_from_breastmnist_only_in_its_documented_keys(repo_root):
+    def flat(tree, prefix=""):
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict) and value:
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    base = flat(yaml.safe_load((repo_root / "profiles" / "breastmnist.yaml").read_text()))
+    quality = flat(yaml.safe_load((repo_root / "profiles" / "breastmnist_quality.yaml").read_text()))
+    changed = {k for k in base.keys() | quality.keys() if base.get(k, "absent") != quality.get(k, "absent")}
+    assert changed == QUALITY_PROFILE_CHANGES
