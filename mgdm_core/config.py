@@ -365,6 +365,16 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     launcher: LauncherParams = LauncherParams()
 
+    @model_validator(mode="after")
+    def _cfg_needs_label_dropout(self) -> "Params":
+        # Without label dropout the null class's embedding is never trained: classifier-free guidance
+        # would extrapolate from an untrained branch (the original release's prob_uncon 0 has the same gap).
+        if self.generate.guidance == "cfg" and self.train_diffusion.p_uncond == 0:
+            raise ValueError("generate.guidance: cfg needs a UNet trained with label dropout, but "
+                             "train_diffusion.p_uncond is 0 (the null class is never trained); set p_uncond "
+                             "to e.g. 0.1 and retrain, or use guidance: classifier")
+        return self
+
     @property
     def generator_seed_value(self) -> int:
         """The seed the generator stages use: `generator_seed`, or `seed` when it is null."""

@@ -67,6 +67,14 @@ def test_auto_respacing_needs_a_tolerance_and_well_formed_candidates(tmp_path):
     assert auto.decode_settings == auto.auto_candidates and auto.decode_settings[0].respacing == "ddim10"
 
 
+def test_classifier_free_guidance_is_refused_for_a_unet_trained_without_label_dropout(tmp_path):
+    tree = {"train_diffusion": {"p_uncond": 0.0}, "generate": {"guidance": "cfg"}}
+    with pytest.raises(ConfigError, match="p_uncond"):
+        load_params(write(tmp_path, tree))
+    tree["generate"]["guidance"] = "classifier"  # classifier guidance never reads the null class
+    assert load_params(write(tmp_path, tree, "b.yaml")).train_diffusion.p_uncond == 0.0
+
+
 def test_measure_may_be_one_name_or_a_list(tmp_path):
     one = load_params(write(tmp_path, {"disturb": {"measure": "margin"}}))
     many = load_params(write(tmp_path, {"disturb": {"measure": ["entropy", "margin", "entropy"]}}, "b.yaml"))
