@@ -54,7 +54,7 @@ def test_profile_command_prints_the_experiment_and_leaves_params_yaml_alone(repo
 
 # profiles/breastmnist_quality.yaml is profiles/breastmnist.yaml with these keys changed (its header
 # says why); profiles cannot inherit, so this keeps the copy from drifting.
-QUALITY_PROFILE_CHANGES = {"train_diffusion.lr", "disturb.respacing", "disturb.inversion_refine"}
+QUALITY_PROFILE_CHANGES = {"train_diffusion.lr"}
 
 
 def test_the_quality_profile_differs_from_breastmnist_only_in_its_documented_keys(repo_root):
