@@ -243,7 +243,7 @@ class DisturbParams(Section):
 
     @model_validator(mode="after")
     def _auto_needs_a_tolerance(self) -> "DisturbParams":
-        if self.respacing.strip().lower() == "auto":
+        if self.is_auto:
             if self.round_trip_tolerance is None:
                 raise ValueError("disturb.respacing: auto chooses by disturb.round_trip_tolerance, which is null; "
                                  "set a tolerance (e.g. 0.01) or a fixed respacing (e.g. ddim20)")

@@ -168,7 +168,7 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
     rest = np.setdiff1d(np.arange(len(mine)), checked)
     checked_t, rest_t = (torch.as_tensor(p, device=device, dtype=torch.long) for p in (checked, rest))
     full_schedule = diffusion_schedule(params)
-    trials: dict[DecodeSetting, tuple[Schedule, torch.Tensor, np.ndarray]] = {}
+    trials: dict[DecodeSetting, tuple[Schedule, DisturbParams, torch.Tensor, np.ndarray]] = {}
 
     def checked_round_trip(setting: DecodeSetting) -> float:
         # Invert the checked images at `setting` and decode them unguided: their latents are kept,
@@ -177,19 +177,18 @@ def run(params: Params, layout: Layout, tracker: Tracker) -> dict[str, float]:
         at = d.model_copy(update={"respacing": setting.respacing, "inversion_refine": setting.inversion_refine})
         latents, recon = invert_with_round_trip(unet, x0[checked_t], y_src[checked_t], schedule, at)
         errors = (recon - x0[checked_t]).abs().flatten(1).mean(1).cpu().numpy()  # mean |error| on [-1, 1]
-        trials[setting] = (schedule, latents, errors)
+        trials[setting] = (schedule, at, latents, errors)
         total = distributed.reduce_mean(torch.tensor([errors.sum(), len(errors)], dtype=torch.float64, device=device)).cpu()
         return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
     chosen_at, tried = first_within_tolerance(d.decode_settings, checked_round_trip,
                                               d.round_trip_tolerance if d.is_auto else None)
     chosen = d.decode_settings[chosen_at]
-    schedule, checked_latents, checked_errors = trials[chosen]
+    schedule, chosen_d, checked_latents, checked_errors = trials[chosen]
     if d.is_auto and main:
         log.info("disturb: respacing auto chose %s / inversion_refine %d (tried: %s)", chosen.respacing,
                  chosen.inversion_refine, ", ".join(f"{s.respacing} / {s.inversion_refine}: {e:.4f}"
                                                     for s, e in zip(d.decode_settings, tried)))
-    chosen_d = d.model_copy(update={"respacing": chosen.respacing, "inversion_refine": chosen.inversion_refine})
     rest_latents, _ = invert_with_round_trip(unet, x0[rest_t], y_src[rest_t], schedule, chosen_d, check=np.array([], dtype=np.int64))
     latents = torch.empty((len(mine), *x0.shape[1:]), dtype=torch.float32, device=device)
     latents[checked_t] = checked_latents
